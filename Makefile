@@ -1,0 +1,38 @@
+# video_branch: the README's commands.
+PY      ?= python3
+VENV    ?= .venv
+VPY     := $(VENV)/bin/python
+TORCH   ?= torch==2.13.0
+STAMP   := $(VENV)/.installed
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+export DS_BUILD_OPS := 0
+export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
+
+.PHONY: setup demo test test-fast bench lint clean
+
+setup: $(STAMP)
+
+# Torch first (the local CPU wheel here; a bare `torch` requirement would pull a CUDA build), then the project.
+$(STAMP): pyproject.toml
+	@test -x $(VPY) || $(PY) -m venv $(VENV)
+	@$(VPY) -c "import torch" 2>/dev/null || $(VPY) -m pip install -q "$(TORCH)"
+	$(VPY) -m pip install -q -e ".[dev]"
+	@touch $(STAMP)
+
+demo: setup
+	$(VPY) tools/demo.py
+
+test: setup
+	$(VPY) -m pytest -q tests
+
+test-fast: setup
+	$(VPY) -m pytest -q -m "not slow" tests
+
+bench: setup
+	$(VPY) tools/bench_iteration.py --out runs/bench/iteration.json
+
+lint: setup
+	$(VPY) -m ruff check video_branch reward_models tools tests
+
+clean:
+	rm -rf $(VENV) .cache runs

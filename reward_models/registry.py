@@ -1,0 +1,59 @@
+"""Reward registry: names to constructors.
+
+Every reward is a callable ``rm(frames, prompts) -> dict[str, Tensor[B]]`` where ``frames`` is uint8
+``[B, T, H, W, 3]`` (T = 1 for images) and ``prompts`` is a list of B strings. Scores are float tensors on the CPU;
+a sample that could not be scored is NaN (never a made-up value).
+"""
+
+from __future__ import annotations
+
+import difflib
+from typing import Callable, Dict, List, Protocol
+
+import torch
+
+
+class RewardModel(Protocol):
+    def __call__(self, frames: torch.Tensor, prompts: List[str]) -> Dict[str, torch.Tensor]: ...
+
+
+_REGISTRY: Dict[str, Callable[..., RewardModel]] = {}
+
+
+def register(name: str):
+    """Decorator: ``@register("temporal_consistency")`` on a constructor (class or function)."""
+
+    def deco(ctor):
+        if name in _REGISTRY and _REGISTRY[name] is not ctor:
+            raise ValueError(f"reward '{name}' is registered twice")
+        _REGISTRY[name] = ctor
+        return ctor
+
+    return deco
+
+
+def available() -> List[str]:
+    _import_builtin()
+    return sorted(_REGISTRY)
+
+
+def build(name: str, **options) -> RewardModel:
+    """Construct the reward registered as ``name`` with its options."""
+    _import_builtin()
+    if name not in _REGISTRY:
+        close = difflib.get_close_matches(name, list(_REGISTRY), n=1)
+        hint = f" Did you mean '{close[0]}'?" if close else ""
+        raise KeyError(f"unknown reward '{name}'. Available: {', '.join(sorted(_REGISTRY))}.{hint}")
+    return _REGISTRY[name](**options)
+
+
+def _import_builtin() -> None:
+    # Importing the modules registers their rewards; each is optional so a broken extra never hides the others.
+    import importlib
+
+    for mod in ("toyworld", "temporal", "videoalign", "image"):
+        try:
+            importlib.import_module(f"reward_models.{mod}")
+        except ModuleNotFoundError as e:
+            if e.name != f"reward_models.{mod}":
+                raise
