@@ -1,0 +1,150 @@
+"""Method presets: every method of the family is a fragment of configuration for the one engine.
+
+A preset fills tree, credit, pruning and objective settings with the defaults of ALGORITHMS.md; the user's YAML and
+``--set`` overrides are applied on top, key by key. New methods enter with :func:`register_preset` (and, where they
+need new behaviour, a registered function elsewhere), never with a branch in the trainer.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+from typing import Any, Dict, List
+
+_PRESETS: Dict[str, Dict[str, Any]] = {}
+_DOCS: Dict[str, str] = {}
+
+
+def register_preset(name: str, fragment: Dict[str, Any], doc: str = "") -> None:
+    if name in _PRESETS:
+        raise ValueError(f"method preset '{name}' is registered twice")
+    _PRESETS[name] = fragment
+    _DOCS[name] = doc
+
+
+def preset_names() -> List[str]:
+    return sorted(_PRESETS)
+
+
+def preset_doc(name: str) -> str:
+    return _DOCS[get_preset_name(name)]
+
+
+def get_preset_name(name: str) -> str:
+    if name not in _PRESETS:
+        from .config import ConfigError
+
+        close = difflib.get_close_matches(name, list(_PRESETS), n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else ""
+        raise ConfigError(f"config key 'method': unknown preset '{name}'{hint}. Accepted: {', '.join(preset_names())}")
+    return name
+
+
+def get_preset(name: str) -> Dict[str, Any]:
+    """A deep copy of the preset's config fragment (with ``method`` set)."""
+    frag = copy.deepcopy(_PRESETS[get_preset_name(name)])
+    frag["method"] = name
+    return frag
+
+
+# ------------------------------------------------------------------------------------------------ the BranchGRPO family
+_BRANCH_TREE = {
+    "num_steps": 20,
+    "roots": 1,
+    "split_steps": [0, 3, 6, 9],
+    "branching": 2,
+    "split_noise": "correlated",
+    "correlation": 4.0,
+    "sde_form": "dance",
+    "eta": 0.3,
+    "base_kind": "sde",
+    "window": {"size": 0},
+}
+_BRANCH = {
+    "tree": _BRANCH_TREE,
+    "credit": {"fusion": "path", "beta": 1.0, "adv_clip": 5.0},
+    "prune": {"width": "none", "depth_window": 0, "timestep_fraction": 1.0, "exclude_last_step": False},
+    "objective": {"name": "clipped", "clip_eps": 1e-3, "kl_coef": 0.0},
+}
+
+
+def _with(base: Dict[str, Any], **sections: Dict[str, Any]) -> Dict[str, Any]:
+    out = copy.deepcopy(base)
+    for sec, values in sections.items():
+        out.setdefault(sec, {})
+        for k, v in values.items():
+            if isinstance(v, dict) and isinstance(out[sec].get(k), dict):
+                out[sec][k] = {**out[sec][k], **v}
+            else:
+                out[sec][k] = v
+    return out
+
+
+register_preset(
+    "branchgrpo", _BRANCH,
+    "BranchGRPO: one root per prompt, splits at steps 0,3,6,9 with K=2 correlated children (c=4), Dance SDE "
+    "(eta 0.3), path-weighted fusion, depth-wise advantages, clip 1e-3.",
+)
+register_preset(
+    "branchgrpo_widpru", _with(_BRANCH, prune={"width": "parent_top1"}),
+    "BranchGRPO + width pruning: after the last split keep the better child of each parent for backprop.",
+)
+register_preset(
+    "branchgrpo_deppru", _with(_BRANCH, prune={"depth_window": 5, "depth_slide_interval": 30}),
+    "BranchGRPO + depth pruning: a 5-depth window after the last split is dropped from backprop, sliding every 30 "
+    "iterations.",
+)
+register_preset(
+    "branchgrpo_mix",
+    _with(_BRANCH, tree={"base_kind": "ode", "window": {"size": 4, "start": 0, "slide_interval": 25, "wrap": True}}),
+    "BranchGRPO-Mix: split steps plus a sliding window of 4 SDE steps; ODE elsewhere; only SDE edges trained.",
+)
+
+# ------------------------------------------------------------------------------------------------ sequential groups
+_SEQ_TREE = {
+    "num_steps": 20,
+    "roots": 16,
+    "split_steps": [],
+    "branching": 1,
+    "sde_form": "dance",
+    "eta": 0.3,
+    "base_kind": "sde",
+    "window": {"size": 0},
+}
+_DANCE = {
+    "tree": _SEQ_TREE,
+    "credit": {"fusion": "mean", "beta": 0.0, "adv_clip": 5.0},
+    "prune": {"width": "none", "depth_window": 0, "timestep_fraction": 0.6, "exclude_last_step": True},
+    "objective": {"name": "clipped", "clip_eps": 1e-4, "kl_coef": 0.0},
+}
+register_preset(
+    "dancegrpo", _DANCE,
+    "DanceGRPO: 16 independent chains of 20 Dance SDE steps per prompt (a tree that splits 16 ways at the root), "
+    "group z-score, timestep fraction 0.6, last step not trained, clip 1e-4.",
+)
+register_preset(
+    "mixgrpo",
+    _with(_DANCE, tree={"base_kind": "ode", "window": {"size": 4, "start": 0, "slide_interval": 25, "wrap": True}},
+          prune={"timestep_fraction": 1.0, "exclude_last_step": False}),
+    "MixGRPO: 16 chains, a window of 4 SDE steps from step 0 sliding one step every 25 iterations, ODE elsewhere; "
+    "only the window is trained.",
+)
+_FLOW = _with(
+    _DANCE,
+    tree={"num_steps": 10, "roots": 24, "sde_form": "flow", "eta": 0.7},
+    prune={"timestep_fraction": 1.0, "exclude_last_step": True},
+    objective={"clip_eps": 1e-4, "kl_coef": 0.04},
+)
+register_preset(
+    "flowgrpo", _FLOW,
+    "Flow-GRPO: 24 chains of 10 Flow-GRPO SDE steps (a = 0.7), last step not trained, KL 0.04.",
+)
+register_preset(
+    "flowgrpo_fast",
+    _with(_FLOW, tree={"roots": 1, "branching": 24, "base_kind": "ode", "split_noise": "independent",
+                       "random_split": {"enabled": True, "low": 0, "high": 4},
+                       "window": {"size": 2, "slide_interval": 1, "stride": 0, "wrap": False}},
+          prune={"exclude_last_step": False}),
+    "Flow-GRPO-Fast: ODE to a step drawn per iteration in the first half, the group branches there (24 ways) and "
+    "takes 2 SDE steps, then ODE; only the SDE steps are trained.",
+)
