@@ -8,6 +8,7 @@ a sample that could not be scored is NaN (never a made-up value).
 from __future__ import annotations
 
 import difflib
+import inspect
 from typing import Callable, Dict, List, Protocol
 
 import torch
@@ -44,7 +45,31 @@ def build(name: str, **options) -> RewardModel:
         close = difflib.get_close_matches(name, list(_REGISTRY), n=1)
         hint = f" Did you mean '{close[0]}'?" if close else ""
         raise KeyError(f"unknown reward '{name}'. Available: {', '.join(sorted(_REGISTRY))}.{hint}")
-    return _REGISTRY[name](**options)
+    ctor = _REGISTRY[name]
+    check_options(name, ctor, options)
+    return ctor(**options)
+
+
+def check_options(name: str, ctor: Callable, options: Dict) -> None:
+    """Raise ``TypeError`` naming the reward and the option when ``options`` do not fit ``ctor``'s signature."""
+    try:
+        sig = inspect.signature(ctor)
+    except (TypeError, ValueError):  # builtins without a signature: let the call itself complain
+        return
+    params = sig.parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return
+    accepted = [k for k, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    for key in options:
+        if key not in accepted:
+            close = difflib.get_close_matches(key, accepted, n=1)
+            hint = f" Did you mean '{close[0]}'?" if close else ""
+            raise TypeError(f"reward '{name}': unknown option '{key}'. Accepted: {', '.join(accepted) or 'none'}.{hint}")
+    missing = [k for k, p in params.items()
+               if p.default is inspect.Parameter.empty and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+               and k not in options]
+    if missing:
+        raise TypeError(f"reward '{name}': missing required option(s) {', '.join(missing)}")
 
 
 def _import_builtin() -> None:
