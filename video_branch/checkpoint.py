@@ -1,0 +1,99 @@
+"""Atomic, resumable DeepSpeed checkpoints.
+
+Layout under ``<run_dir>/checkpoints/``: ``iter_NNNNNN/`` (DeepSpeed's files, the client state and each rank's RNG
+state) and ``latest`` (the tag of the newest complete checkpoint). A checkpoint is written under a ``.partial`` name
+and renamed only after every rank has finished, and ``latest`` is replaced atomically after that, so a crash during
+a save leaves the previous checkpoint as the one that resumes.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+LATEST = "latest"
+
+
+def tag_for(iteration: int) -> str:
+    return f"iter_{iteration:06d}"
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _rng_state() -> Dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: Dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def latest_tag(ckpt_dir: Path) -> Optional[str]:
+    """The newest complete checkpoint's tag, or None."""
+    p = Path(ckpt_dir) / LATEST
+    if not p.is_file():
+        return None
+    tag = p.read_text().strip()
+    return tag if tag and (Path(ckpt_dir) / tag).is_dir() else None
+
+
+def save(engine, ckpt_dir: Path, iteration: int, client_state: Dict[str, Any], rank: int, keep: int = 2) -> Path:
+    """Save a checkpoint after ``iteration`` (collective: every rank calls it)."""
+    ckpt_dir = Path(ckpt_dir)
+    tag = tag_for(iteration)
+    partial = tag + ".partial"
+    if rank == 0:
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(ckpt_dir / partial, ignore_errors=True)
+    _barrier()
+    engine.save_checkpoint(str(ckpt_dir), tag=partial, client_state=client_state, save_latest=False)
+    torch.save(_rng_state(), ckpt_dir / partial / f"rng_rank{rank}.pt")
+    _barrier()
+    if rank == 0:
+        final = ckpt_dir / tag
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(ckpt_dir / partial, final)
+        tmp = ckpt_dir / (LATEST + ".tmp")
+        tmp.write_text(tag + "\n")
+        os.replace(tmp, ckpt_dir / LATEST)
+        _prune_old(ckpt_dir, keep)
+    _barrier()
+    return ckpt_dir / tag
+
+
+def _prune_old(ckpt_dir: Path, keep: int) -> None:
+    tags = sorted(p for p in ckpt_dir.iterdir() if p.is_dir() and p.name.startswith("iter_") and "." not in p.name)
+    for p in tags[:-keep]:
+        shutil.rmtree(p, ignore_errors=True)
+    for p in ckpt_dir.glob("*.partial"):
+        shutil.rmtree(p, ignore_errors=True)
+
+
+def load(engine, ckpt_dir: Path, tag: str, rank: int) -> Dict[str, Any]:
+    """Restore engine, optimizer and RNG; returns the client state saved with the checkpoint."""
+    ckpt_dir = Path(ckpt_dir)
+    path, client_state = engine.load_checkpoint(str(ckpt_dir), tag=tag, load_optimizer_states=True,
+                                                load_lr_scheduler_states=True)
+    if path is None:
+        raise FileNotFoundError(f"checkpoint {ckpt_dir / tag} could not be loaded (incomplete or corrupt)")
+    rng = ckpt_dir / tag / f"rng_rank{rank}.pt"
+    if rng.is_file():
+        _set_rng_state(torch.load(rng, weights_only=False))
+    return client_state or {}

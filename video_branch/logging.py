@@ -1,0 +1,106 @@
+"""Run observability: metrics.jsonl, TensorBoard scalars and reward_curve.png (rank 0 only)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+
+def read_metrics(path: str | Path) -> List[Dict[str, Any]]:
+    """Rows of a metrics.jsonl; a torn last line (a crash mid-write) is skipped."""
+    rows = []
+    p = Path(path)
+    if not p.is_file():
+        return rows
+    for line in p.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows
+
+
+class RunLogger:
+    def __init__(self, run_dir: Path, *, enabled: bool, tensorboard: bool = True, plot_every: int = 1):
+        self.run_dir = Path(run_dir)
+        self.enabled = enabled
+        self.plot_every = plot_every
+        self.metrics_path = self.run_dir / "metrics.jsonl"
+        self._tb = None
+        if enabled and tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(log_dir=str(self.run_dir / "tensorboard"))
+
+    def truncate_after(self, iteration: int) -> None:
+        """On resume: drop rows of iterations that the restored checkpoint does not contain."""
+        if not self.enabled or not self.metrics_path.is_file():
+            return
+        rows = [r for r in read_metrics(self.metrics_path) if r.get("iteration", -1) <= iteration]
+        tmp = self.metrics_path.with_suffix(".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        os.replace(tmp, self.metrics_path)
+
+    def log(self, row: Dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
+        with self.metrics_path.open("a") as f:
+            f.write(json.dumps(clean) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        it = int(row["iteration"])
+        if self._tb is not None:
+            for k, v in row.items():
+                if k != "iteration" and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+                    self._tb.add_scalar(k, v, it)
+            self._tb.flush()
+        if self.plot_every and (it + 1) % self.plot_every == 0:
+            self.plot()
+
+    def log_eval(self, name: str, iteration: int, summary: Dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        with (self.run_dir / "eval.jsonl").open("a") as f:
+            f.write(json.dumps({"name": name, "iteration": iteration, **summary}) + "\n")
+        if self._tb is not None:
+            for k, v in summary.items():
+                if isinstance(v, (int, float)) and math.isfinite(v):
+                    self._tb.add_scalar(f"eval/{k}", v, iteration)
+
+    def plot(self) -> Optional[Path]:
+        if not self.enabled:
+            return None
+        rows = read_metrics(self.metrics_path)
+        if not rows:
+            return None
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        keys = sorted({k for r in rows for k in r if k.startswith("reward/")})
+        for k in ["reward_mean", *keys]:
+            xs = [r["iteration"] for r in rows if r.get(k) is not None]
+            ys = [r[k] for r in rows if r.get(k) is not None]
+            if xs:
+                ax.plot(xs, ys, label=k, lw=2 if k == "reward_mean" else 1)
+        ax.set_xlabel("iteration")
+        ax.set_ylabel("training reward")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        out = self.run_dir / "reward_curve.png"
+        tmp = self.run_dir / "reward_curve.tmp.png"
+        fig.savefig(tmp, dpi=100)
+        plt.close(fig)
+        os.replace(tmp, out)
+        return out
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()

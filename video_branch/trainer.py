@@ -1,0 +1,437 @@
+"""The RL trainer: rollout trees, score leaves, assign credit, prune, and update the policy under DeepSpeed ZeRO-3.
+
+One iteration reads like DESIGN.md's data flow::
+
+    prompts -> rollout trees -> decode + reward leaves -> credit -> pruning -> objective over trained edges -> step
+
+Every rank runs the same sequence of forward and backward calls: tree shapes, pruning counts and micro-batch counts
+come from the configuration, and a lockstep check all-reduces the per-iteration call counts.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from . import checkpoint as ckpt
+from .config import Config
+from .credit import assign_credit, leaf_vector
+from .data import iteration_prompts, read_prompts, tree_seed
+from .logging import RunLogger
+from .objectives import get_objective
+from .parallel.groups import Dist, init_distributed
+from .pruning import select_trained_edges
+from .rollout import RolloutResult, edge_inputs, rollout
+from .sde import gaussian_log_prob, get_sde_form
+from .tree import TreeSpec, build_structure
+
+
+class LockstepError(RuntimeError):
+    """Ranks disagree on the number of forward/backward calls of an iteration (ZeRO-3 would deadlock)."""
+
+
+@dataclass
+class IterationStats:
+    forward_passes: int = 0
+    backward_calls: int = 0
+    trained_edges: int = 0
+
+
+def latent_shape(cfg: Config, vae) -> tuple:
+    """[C, F', h, w] of the latents of a clip, from the VAE's compression factors."""
+    c = getattr(vae.config, "z_dim", 16)
+    tdown = getattr(vae.config, "temperal_downsample", None)
+    t_factor = 2 ** sum(bool(x) for x in tdown) if tdown is not None else 4
+    s_factor = 2 ** len(tdown) if tdown is not None else 8
+    s_factor = getattr(vae.config, "spatial_compression", s_factor)
+    t_factor = getattr(vae.config, "temporal_compression", t_factor)
+    f = 1 + (cfg.video.num_frames - 1) // t_factor
+    return (c, f, cfg.video.height // s_factor, cfg.video.width // s_factor)
+
+
+def mean_ci(x: np.ndarray) -> tuple[float, float]:
+    """Mean and the half-width of its 95% normal confidence interval (ignoring NaN)."""
+    x = np.asarray(x, dtype=np.float64)
+    x = x[np.isfinite(x)]
+    if x.size == 0:
+        return float("nan"), float("nan")
+    if x.size == 1:
+        return float(x[0]), float("nan")
+    return float(x.mean()), float(1.96 * x.std(ddof=1) / math.sqrt(x.size))
+
+
+class Trainer:
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.run_dir = Path(cfg.train.run_dir)
+        # Cheap checks of every input first, so a bad prompt file or model directory stops before any work.
+        self.train_prompts = read_prompts(cfg.train.prompt_file, key="train.prompt_file")
+        self.eval_prompts = read_prompts(cfg.eval.prompt_file, key="eval.prompt_file")
+        if cfg.eval.num_prompts:
+            self.eval_prompts = self.eval_prompts[: cfg.eval.num_prompts]
+        from .models.wan import check_wan_dir
+
+        check_wan_dir(cfg.model.path)
+
+        self.dist: Dist = init_distributed(cfg.parallel.sp_size, cfg.parallel.backend, cfg.train.device)
+        torch.manual_seed(cfg.train.seed + self.dist.rank)
+        self._build_models()
+        self._build_engine()
+        self.logger = RunLogger(self.run_dir, enabled=self.dist.is_main, tensorboard=cfg.logging.tensorboard,
+                                plot_every=cfg.logging.plot_every)
+        self.start_iteration = 0
+
+    # ------------------------------------------------------------------------------------------------ set-up
+    def _build_models(self) -> None:
+        from reward_models.compose import build_from_config
+
+        from .models.text import PromptEncoder
+        from .models.wan import load_wan
+
+        cfg, dev = self.cfg, self.dist.device
+        m = load_wan(cfg.model.path, dtype=cfg.model.dtype, attention_backend=cfg.model.attention_backend,
+                     gradient_checkpointing=cfg.model.gradient_checkpointing, device=dev)
+        self.models = m
+        self.encoder = PromptEncoder(m.text_encoder, m.tokenizer, max_sequence_length=cfg.model.max_sequence_length,
+                                     device=dev)
+        self.reward = build_from_config(cfg.reward.components, retries=cfg.reward.retries)
+        self.latent_shape = latent_shape(cfg, m.vae)
+        self.reference = None
+        if cfg.objective.kl_coef > 0:
+            ref = load_wan(cfg.model.path, dtype=cfg.model.dtype, attention_backend=cfg.model.attention_backend,
+                           device=dev, components=("transformer",)).transformer
+            self.reference = ref.requires_grad_(False).eval()
+
+    def _micro_batches_per_update(self) -> int:
+        """Trained edges per rank and update, from the config alone (the same on every rank)."""
+        spec = TreeSpec.from_config(self.cfg, 0)
+        tree = build_structure(spec, self.cfg.train.prompts_per_rank)
+        rng = np.random.default_rng(0)
+        vals = rng.standard_normal(tree.num_nodes)
+        mask = select_trained_edges(tree, vals, vals, self.cfg, 0, np.random.default_rng(0))
+        self.edges_per_iteration = int(mask.sum())
+        return max(1, math.ceil(self.edges_per_iteration / self.cfg.optim.micro_batch))
+
+    def _build_engine(self) -> None:
+        import deepspeed
+
+        cfg = self.cfg
+        ds_config = json.loads(Path(cfg.parallel.ds_config).read_text())
+        self.n_micro = self._micro_batches_per_update()
+        ds_config["train_micro_batch_size_per_gpu"] = 1
+        ds_config["gradient_accumulation_steps"] = self.n_micro
+        ds_config["train_batch_size"] = self.n_micro * self.dist.world_size
+        ds_config["gradient_clipping"] = cfg.optim.grad_clip
+        ds_config.setdefault("zero_optimization", {})["stage"] = cfg.parallel.zero_stage
+        if cfg.model.dtype == "bfloat16":
+            ds_config["bf16"] = {"enabled": True}
+        model = self.models.transformer
+        model.train()
+        params = [p for p in model.parameters() if p.requires_grad]
+        # A torch optimizer object: DeepSpeed's own AdamW would JIT-compile FusedAdam (minutes on CPU).
+        optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
+                                      weight_decay=cfg.optim.weight_decay)
+        warm = cfg.optim.warmup_iterations * cfg.optim.updates_per_iteration
+        sched = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warm) if warm else 1.0)
+        self.engine, self.optimizer, _, self.lr_scheduler = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=sched, config=ds_config,
+            dist_init_required=False,
+        )
+        self.objective = get_objective(cfg.objective.name)
+
+    # ------------------------------------------------------------------------------------------------ policy calls
+    def _model_fn(self, module):
+        from .models.wan import velocity
+
+        def fn(x, t, emb):
+            return velocity(module, x.to(self.dist.device), t.to(self.dist.device), emb.to(self.dist.device))
+
+        return fn
+
+    def _embeddings(self, prompts: List[str]):
+        emb = self.encoder.encode(prompts)
+        neg = None
+        if self.cfg.rollout.guidance_scale != 1.0:
+            neg = self.encoder.encode([self.cfg.rollout.negative_prompt])[0]
+        return emb, neg
+
+    # ------------------------------------------------------------------------------------------------ phases
+    def _rollout(self, iteration: int, prompt_ids: List[int]) -> RolloutResult:
+        cfg = self.cfg
+        prompts = [self.train_prompts[i] for i in prompt_ids]
+        emb, neg = self._embeddings(prompts)
+        spec = TreeSpec.from_config(cfg, iteration)
+        seeds = [tree_seed(cfg.train.seed, iteration, self.dist.dp_rank, j) for j in range(len(prompts))]
+        self.engine.module.eval()
+        with torch.no_grad():
+            res = rollout(spec, self._model_fn(self.engine.module), emb, latent_shape=self.latent_shape, seeds=seeds,
+                          negative_embeds=neg, guidance_scale=cfg.rollout.guidance_scale,
+                          frontier_batch=cfg.rollout.frontier_batch, store_on_cpu=cfg.rollout.store_on_cpu,
+                          reward_on=cfg.rollout.reward_on, device=self.dist.device)
+        self.engine.module.train()
+        res.prompts = prompts
+        res.spec = spec
+        res.embeds, res.negative = emb, neg
+        return res
+
+    def _score(self, res: RolloutResult) -> Dict[str, np.ndarray]:
+        """Decode the leaves and score them: {reward name: [N] node-length array, NaN off-leaf or on failure}."""
+        from .models.vae import decode_to_frames
+
+        tree = res.tree
+        leaves = tree.leaves()
+        lat = res.leaf_x0_hat if self.cfg.rollout.reward_on == "x0_hat" else res.leaf_latents
+        with torch.no_grad():
+            frames = decode_to_frames(self.models.vae, lat.to(self.dist.device),
+                                      batch_size=self.cfg.rollout.decode_batch).cpu()
+        prompts = [res.prompts[t] for t in tree.tree[leaves]]
+        scores = self.reward(frames, prompts)
+        res.frames = frames
+        return {k: leaf_vector(tree, leaves, v.detach().cpu().numpy()) for k, v in scores.items()}
+
+    def _train(self, iteration: int, res: RolloutResult, adv: np.ndarray, trained: np.ndarray) -> Dict[str, float]:
+        cfg = self.cfg
+        edges = np.nonzero(trained)[0]
+        if edges.size != self.edges_per_iteration:
+            raise LockstepError(f"iteration {iteration}: {edges.size} trained edges on rank {self.dist.rank}, "
+                                f"expected {self.edges_per_iteration} from the config")
+        form = get_sde_form(res.spec.sde_form)
+        s_cap = res.sigmas[1]
+        gen = torch.Generator().manual_seed(cfg.train.seed * 1000003 + iteration)
+        ratio_dev_first, losses, clipfr, kls, ratio_dev_all, skipped = float("nan"), [], [], [], 0.0, 0
+        grad_norm = float("nan")
+        n_back = 0
+        for update in range(cfg.optim.updates_per_iteration):
+            order = edges[torch.randperm(edges.size, generator=gen).numpy()] if update else edges
+            chunks = np.array_split(order, self.n_micro)
+            for mb, ids in enumerate(chunks):
+                inp = edge_inputs(res, ids)
+                x, x_next = inp["parent_latent"].to(self.dist.device), inp["child_latent"].to(self.dist.device)
+                s, s_next = inp["s"].to(self.dist.device), inp["s_next"].to(self.dist.device)
+                eta = inp["eta"].to(self.dist.device)
+                emb = res.embeds[torch.as_tensor(inp["tree_index"])].to(self.dist.device)
+                v = self._velocity_cfg(self.engine, x, s, emb, res.negative)
+                mean, std = form(x, v, s, s_next, eta, s_cap)
+                logp = gaussian_log_prob(x_next, mean, std, reduce=cfg.objective.logprob_reduce)
+                logp_old = inp["logp_old"].to(logp)
+                mean_ref = None
+                if self.reference is not None:
+                    with torch.no_grad():
+                        v_ref = self._velocity_cfg(self.reference, x, s, emb, res.negative)
+                        mean_ref, _ = form(x, v_ref, s, s_next, eta, s_cap)
+                mean_old = None
+                if cfg.objective.ratio_norm:
+                    mean_old = inp["mean_old"].to(self.dist.device) if "mean_old" in inp else mean.detach()
+                out = self.objective(logp, logp_old, torch.as_tensor(adv[ids], dtype=torch.float32,
+                                                                     device=self.dist.device),
+                                     clip_eps=cfg.objective.clip_eps, kl_coef=cfg.objective.kl_coef,
+                                     mean_new=mean, mean_old=mean_old, mean_ref=mean_ref,
+                                     std=std.expand(len(ids), *([1] * (x.dim() - 1))), ratio_norm=cfg.objective.ratio_norm)
+                dev = float((out.ratio - 1).abs().max())
+                if update == 0 and mb == 0:
+                    ratio_dev_first = dev
+                ratio_dev_all = max(ratio_dev_all, dev)
+                # Weight each micro-batch by its share of edges; DeepSpeed divides by the accumulation steps.
+                loss = out.loss * (len(ids) * self.n_micro / edges.size)
+                if not torch.isfinite(loss):
+                    skipped += 1
+                    loss = loss.nan_to_num(0.0, 0.0, 0.0) * 0.0  # keep the collective call sequence identical
+                self.engine.backward(loss)
+                n_back += 1
+                self.engine.step()
+                losses.append(float(out.loss.detach()))
+                clipfr.append(float(out.clipped_frac))
+                kls.append(float(out.kl))
+            gn = self.engine.get_global_grad_norm()
+            grad_norm = float(gn) if gn is not None else float("nan")
+        self._stats.backward_calls += n_back
+        return {
+            "loss": float(np.mean(losses)), "grad_norm": grad_norm, "ratio_max_dev": ratio_dev_first,
+            "ratio_max_dev_all": ratio_dev_all, "clip_frac": float(np.mean(clipfr)), "kl": float(np.mean(kls)),
+            "skipped_micro_steps": skipped,
+        }
+
+    def _velocity_cfg(self, module, x, s, emb, negative):
+        from .models.wan import velocity
+        from .sde import cfg_combine
+
+        t = 1000.0 * s
+        w = self.cfg.rollout.guidance_scale
+        if w == 1.0:
+            return velocity(module, x, t, emb)
+        neg = negative.expand(emb.shape[0], *negative.shape).to(emb)
+        out = velocity(module, torch.cat([x, x]), torch.cat([t, t]), torch.cat([neg, emb]))
+        vu, vc = out.chunk(2)
+        return cfg_combine(vu, vc, w)
+
+    # ------------------------------------------------------------------------------------------------ lockstep
+    def _check_lockstep(self, iteration: int) -> None:
+        if self.dist.world_size == 1:
+            return
+        mine = torch.tensor([self._stats.forward_passes, self._stats.backward_calls, self._stats.trained_edges],
+                            dtype=torch.float64)
+        lo, hi = mine.clone(), mine.clone()
+        dist.all_reduce(lo, op=dist.ReduceOp.MIN)
+        dist.all_reduce(hi, op=dist.ReduceOp.MAX)
+        if not torch.equal(lo, hi):
+            raise LockstepError(
+                f"iteration {iteration}: ranks ran different numbers of calls "
+                f"(forward passes, backward calls, trained edges: min {lo.tolist()}, max {hi.tolist()})"
+            )
+
+    def _all_mean(self, values: Dict[str, float]) -> Dict[str, float]:
+        """Average over ranks (NaN-aware: a rank with no valid value does not count)."""
+        if self.dist.world_size == 1:
+            return values
+        keys = sorted(values)
+        v = torch.tensor([values[k] for k in keys], dtype=torch.float64)
+        ok = torch.isfinite(v).double()
+        s = torch.stack([torch.nan_to_num(v) * ok, ok])
+        dist.all_reduce(s)
+        return {k: float(s[0, i] / s[1, i]) if s[1, i] > 0 else float("nan") for i, k in enumerate(keys)}
+
+    # ------------------------------------------------------------------------------------------------ evaluation
+    def evaluate(self, iteration: int, name: str) -> Dict[str, float]:
+        """Held-out reward of ODE samples (eval.num_steps, fixed seeds): mean and 95% CI per reward term."""
+        from .evaluation import heldout_scores
+
+        scores = heldout_scores(self, iteration)
+        summary = {}
+        for k, v in scores.items():
+            m, ci = mean_ci(v)
+            summary[k], summary[k + "_ci95"] = m, ci
+        summary["n"] = int(len(next(iter(scores.values()))))
+        self.logger.log_eval(name, iteration, summary)
+        return summary
+
+    # ------------------------------------------------------------------------------------------------ the loop
+    def fit(self) -> Dict[str, Dict[str, float]]:
+        cfg, d = self.cfg, self.dist
+        if d.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            cfg.save(self.run_dir / "config.yaml")
+        d.barrier()
+        self._maybe_resume()
+        results = {}
+        if self.start_iteration == 0 or not (self.run_dir / "eval_before.json").is_file():
+            results["before"] = self.evaluate(self.start_iteration, "before")
+            if d.is_main:
+                (self.run_dir / "eval_before.json").write_text(json.dumps(results["before"], indent=1))
+        else:
+            results["before"] = json.loads((self.run_dir / "eval_before.json").read_text())
+        bar = None
+        if d.is_main and cfg.logging.progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=cfg.train.iterations, initial=self.start_iteration, desc="train", unit="it",
+                       dynamic_ncols=True)
+        for it in range(self.start_iteration, cfg.train.iterations):
+            row = self.train_iteration(it, bar)
+            self.logger.log(row)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(reward=f"{row['reward_mean']:.3f}", phase="done")
+            if cfg.eval.every and (it + 1) % cfg.eval.every == 0 and it + 1 < cfg.train.iterations:
+                self.evaluate(it + 1, "during")
+            if cfg.train.checkpoint_every and (it + 1) % cfg.train.checkpoint_every == 0:
+                ckpt.save(self.engine, self.run_dir / "checkpoints", it + 1, {"iteration": it + 1},
+                          d.rank, keep=cfg.train.keep_checkpoints)
+        if bar is not None:
+            bar.close()
+        if cfg.train.iterations > 0 and self.start_iteration < cfg.train.iterations:
+            ckpt.save(self.engine, self.run_dir / "checkpoints", cfg.train.iterations,
+                      {"iteration": cfg.train.iterations}, d.rank, keep=cfg.train.keep_checkpoints)
+        results["after"] = self.evaluate(cfg.train.iterations, "after")
+        self.export_final()
+        self.logger.plot()
+        self.logger.close()
+        if d.is_main:
+            (self.run_dir / "eval_after.json").write_text(json.dumps(results["after"], indent=1))
+        return results
+
+    def train_iteration(self, it: int, bar=None) -> Dict[str, float]:
+        cfg, d = self.cfg, self.dist
+        self._stats = IterationStats()
+        t0 = time.perf_counter()
+        phase = (lambda p: bar.set_postfix(phase=p)) if bar is not None else (lambda p: None)
+        phase("rollout")
+        prompt_ids = iteration_prompts(self.train_prompts, seed=cfg.train.seed, iteration=it, dp_rank=d.dp_rank,
+                                       per_rank=cfg.train.prompts_per_rank)
+        res = self._rollout(it, prompt_ids)
+        self._stats.forward_passes = res.forward_passes
+        t1 = time.perf_counter()
+        phase("reward")
+        rewards = self._score(res)
+        t2 = time.perf_counter()
+        weights = {k: float(v.get("weight", 1.0)) for k, v in cfg.reward.components.items()}
+        named = {k: rewards[k] for k in weights}  # the weighted components; sub-scores are logged only
+        values, adv = assign_credit(res.tree, named, weights, cfg.credit)
+        trained = select_trained_edges(res.tree, values, adv, cfg, it, np.random.default_rng([cfg.train.seed, it,
+                                                                                               d.dp_rank, 0xED6E]))
+        self._stats.trained_edges = int(trained.sum())
+        phase("train")
+        train_stats = self._train(it, res, adv, trained)
+        t3 = time.perf_counter()
+        self._check_lockstep(it)
+        if cfg.train.dump_trees:
+            self._dump_tree(it, res, rewards, values, adv, trained)
+        leaves = res.tree.leaves()
+        total = sum(weights[k] * rewards[k][leaves] for k in weights)
+        local = {"reward_mean": float(np.nanmean(total)) if np.isfinite(total).any() else float("nan"),
+                 "invalid_leaves": float(np.sum(~np.isfinite(total)))}
+        for k, v in rewards.items():
+            vals = v[leaves]
+            local[f"reward/{k}"] = float(np.nanmean(vals)) if np.isfinite(vals).any() else float("nan")
+        local.update(train_stats)
+        row = {"iteration": it, **self._all_mean(local)}
+        row["invalid_leaves"] = row["invalid_leaves"] * d.world_size  # a sum over ranks, not a mean
+        row.update(rollout_s=t1 - t0, reward_s=t2 - t1, train_s=t3 - t2, iter_s=time.perf_counter() - t0,
+                   forward_passes=self._stats.forward_passes, trained_edges=self._stats.trained_edges,
+                   lr=float(self.optimizer.param_groups[0]["lr"]))
+        return row
+
+    # ------------------------------------------------------------------------------------------------ I/O
+    def _dump_tree(self, it, res, rewards, values, adv, trained) -> None:
+        out = self.run_dir / "trees"
+        out.mkdir(parents=True, exist_ok=True)
+        t = res.tree
+        weights = {k: float(v.get("weight", 1.0)) for k, v in self.cfg.reward.components.items()}
+        leaf_reward = sum(weights[k] * rewards[k] for k in weights)
+        np.savez(out / f"iter_{it:06d}_rank{self.dist.rank}.npz", tree=t.tree, parent=t.parent, depth=t.depth,
+                 step=t.step, sde=t.sde, logp=t.logp, leaf_reward=leaf_reward.astype(np.float32),
+                 value=values.astype(np.float32), advantage=adv.astype(np.float32), trained=trained,
+                 **{f"reward/{k}": v.astype(np.float32) for k, v in rewards.items()})
+
+    def _maybe_resume(self) -> None:
+        cfg = self.cfg
+        if cfg.train.resume == "never":
+            return
+        ckpt_dir = self.run_dir / "checkpoints"
+        if cfg.train.resume == "auto":
+            tag = ckpt.latest_tag(ckpt_dir)
+            if tag is None:
+                return
+        else:
+            p = Path(cfg.train.resume)
+            ckpt_dir, tag = p.parent, p.name
+            if not p.is_dir():
+                raise FileNotFoundError(f"train.resume: checkpoint directory not found: {p}")
+        state = ckpt.load(self.engine, ckpt_dir, tag, self.dist.rank)
+        self.start_iteration = int(state.get("iteration", 0))
+        self.logger.truncate_after(self.start_iteration - 1)
+        if self.dist.is_main:
+            print(f"resumed from {ckpt_dir / tag} at iteration {self.start_iteration}", flush=True)
+
+    def export_final(self) -> Optional[Path]:
+        """Write ``final/``: the model directory with the trained transformer, loadable by WanPipeline."""
+        from .models.export import export_pipeline_dir
+
+        return export_pipeline_dir(self, self.run_dir / "final")
