@@ -6,12 +6,19 @@ produced by denoising step ``i`` from a node at depth ``i`` sits at depth ``i + 
 
 Nodes are stored in creation order, which is topological (every parent precedes its children) and depth-major.
 All arrays are numpy and have one entry per node.
+
+:class:`TreeSpec` is the pure description of the trees of one iteration (steps, splits, step kinds, noise levels),
+derived from the config and the iteration only; :func:`build_structure` lays out the nodes a rollout executes and
+:func:`accounting` counts their cost. ``python -m video_branch.tree`` prints those counts (see ``docs/TREES.md``).
 """
 
 from __future__ import annotations
 
+import argparse
+import json
+import sys
 from dataclasses import dataclass, field
-from typing import Dict, List
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -104,6 +111,10 @@ class Tree:
                 root[n] = root[self.parent[n]]
         return root
 
+    def at_depth(self, depth: int) -> np.ndarray:
+        """Indices of the nodes at ``depth``, in creation order (tree-major)."""
+        return np.nonzero(self.depth == depth)[0]
+
     def validate(self) -> None:
         """Structural invariants; raises ValueError on a malformed tree."""
         n = self.num_nodes
@@ -124,3 +135,303 @@ class Tree:
             "tree": self.tree, "parent": self.parent, "depth": self.depth, "step": self.step,
             "sde": self.sde, "split": self.split, "logp": self.logp,
         }
+
+
+# ------------------------------------------------------------------------------------------------------- tree spec
+STEP_KINDS = ("sde", "ode")
+SPLIT_NOISES = ("correlated", "independent")
+# Mixed into the seed of the random split draw so it is not the same stream as other users of train.seed.
+_RANDOM_SPLIT_TAG = 0x7E5EED
+
+
+@dataclass(frozen=True)
+class TreeSpec:
+    """The trees of one iteration, per prompt: a pure description, no tensors.
+
+    num_steps     N denoising steps; step ``i`` goes from sigma ``s_i`` to ``s_{i+1}``
+    roots         initial noises per prompt (a sequential group of G chains: ``roots=G``, no split steps)
+    split_steps   steps at which every live node gets ``branching`` children (strictly increasing)
+    branching     K, children per node at a split step
+    split_noise   "correlated" (``xi_b = (xi_0 + c z_b) / sqrt(1 + c^2)``) or "independent"
+    correlation   c of the correlated split noise
+    kinds         "sde" or "ode" per step (length N); split steps are always "sde"
+    sde_form      SDE form name of ``video_branch.sde`` ("dance", "flow")
+    eta           noise level of non-split SDE steps
+    split_eta     noise level of split steps (None: ``eta``)
+    shift         flow shift of the sigma schedule
+    """
+
+    num_steps: int
+    roots: int = 1
+    split_steps: Tuple[int, ...] = ()
+    branching: int = 1
+    split_noise: str = "correlated"
+    correlation: float = 4.0
+    kinds: Optional[Tuple[str, ...]] = None
+    sde_form: str = "dance"
+    eta: float = 0.3
+    split_eta: Optional[float] = None
+    shift: float = 3.0
+
+    def __post_init__(self) -> None:
+        n = self.num_steps
+        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+            raise ValueError(f"TreeSpec.num_steps: expected an integer >= 1, got {n!r}")
+        for name in ("roots", "branching"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+                raise ValueError(f"TreeSpec.{name}: expected an integer >= 1, got {v!r}")
+        splits = tuple(int(s) for s in self.split_steps)
+        if list(splits) != sorted(set(splits)) or any(not 0 <= s < n for s in splits):
+            raise ValueError(f"TreeSpec.split_steps: expected strictly increasing steps in [0, {n - 1}], got {splits}")
+        kinds = ("sde",) * n if self.kinds is None else tuple(self.kinds)
+        if len(kinds) != n or any(k not in STEP_KINDS for k in kinds):
+            raise ValueError(f"TreeSpec.kinds: expected {n} entries from {STEP_KINDS}, got {kinds}")
+        if any(kinds[s] != "sde" for s in splits):
+            raise ValueError(f"TreeSpec.kinds: split steps {splits} must be 'sde', got {[kinds[s] for s in splits]}")
+        if self.split_noise not in SPLIT_NOISES:
+            raise ValueError(f"TreeSpec.split_noise: expected one of {SPLIT_NOISES}, got {self.split_noise!r}")
+        split_eta = self.eta if self.split_eta is None else self.split_eta
+        for name, v in (("correlation", self.correlation), ("eta", self.eta), ("split_eta", split_eta)):
+            # correlation may be inf (the independent limit); noise levels must be finite.
+            if np.isnan(v) or v < 0 or (np.isinf(v) and name != "correlation"):
+                raise ValueError(f"TreeSpec.{name}: expected a number >= 0, got {v!r}")
+        if not self.shift > 0:
+            raise ValueError(f"TreeSpec.shift: expected a number > 0, got {self.shift!r}")
+        object.__setattr__(self, "num_steps", int(n))
+        object.__setattr__(self, "roots", int(self.roots))
+        object.__setattr__(self, "branching", int(self.branching))
+        object.__setattr__(self, "split_steps", splits)
+        object.__setattr__(self, "kinds", kinds)
+        object.__setattr__(self, "eta", float(self.eta))
+        object.__setattr__(self, "split_eta", float(split_eta))
+        object.__setattr__(self, "correlation", float(self.correlation))
+        object.__setattr__(self, "shift", float(self.shift))
+
+    @classmethod
+    def from_config(cls, cfg, iteration: int = 0) -> "TreeSpec":
+        """The spec of training iteration ``iteration`` of a resolved :class:`~video_branch.config.Config`.
+
+        Depends on the config and the iteration only (never on data), so every rank builds the same trees.
+        """
+        t = cfg.tree
+        kinds, splits = step_kinds(t, iteration, cfg.train.seed)
+        return cls(
+            num_steps=t.num_steps, roots=t.roots, split_steps=splits, branching=t.branching,
+            split_noise=t.split_noise, correlation=t.correlation, kinds=kinds, sde_form=t.sde_form,
+            eta=t.eta, split_eta=t.split_eta, shift=t.shift,
+        )
+
+    # --------------------------------------------------------------------------------------------- per step
+    def is_split(self, step: int) -> bool:
+        """A step where nodes get more than one child."""
+        return step in self.split_steps and self.branching > 1
+
+    def children_per_node(self, step: int) -> int:
+        return self.branching if step in self.split_steps else 1
+
+    def step_eta(self, step: int) -> float:
+        """Noise level of the edges produced by ``step`` (NaN for an ODE step)."""
+        if self.kinds[step] == "ode":
+            return float("nan")
+        return self.split_eta if step in self.split_steps else self.eta
+
+    @property
+    def sde_steps(self) -> Tuple[int, ...]:
+        return tuple(i for i, k in enumerate(self.kinds) if k == "sde")
+
+    def nodes_per_depth(self) -> np.ndarray:
+        """``[N + 1]`` int64: nodes of one tree at each depth (depth 0: the roots)."""
+        counts = [self.roots]
+        for i in range(self.num_steps):
+            counts.append(counts[-1] * self.children_per_node(i))
+        return np.asarray(counts, dtype=np.int64)
+
+
+def window_steps(window, num_steps: int, iteration: int, start: Optional[int] = None) -> range:
+    """Steps of the sliding SDE window at ``iteration`` (MixGRPO's schedule); empty when ``window.size == 0``.
+
+    The window starts at ``start + stride * (iteration // slide_interval)``. With ``wrap`` it cycles through the
+    positions where it fits (``start .. num_steps - size``) and jumps back to ``start`` after the last one; without,
+    it stops at the last position. ``start`` defaults to ``window.start``.
+    """
+    size = window.size
+    if size == 0:
+        return range(0)
+    first = window.start if start is None else start
+    if first + size > num_steps:
+        raise _config_error(
+            f"config key 'tree.window.start': a window of {size} steps from step {first} does not fit in "
+            f"tree.num_steps={num_steps}; expected start <= {num_steps - size}"
+        )
+    offset = window.stride * (iteration // window.slide_interval)
+    positions = num_steps - size - first + 1
+    offset = offset % positions if window.wrap else min(offset, positions - 1)
+    return range(first + offset, first + offset + size)
+
+
+def draw_split_step(low: int, high: int, seed: int, iteration: int) -> int:
+    """The branching step of a random-split iteration (Flow-GRPO-Fast), uniform in ``[low, high]``.
+
+    Seeded by ``(seed, iteration)`` only, so every rank draws the same step.
+    """
+    if not 0 <= low <= high:
+        raise _config_error(f"config keys 'tree.random_split.low/high': expected 0 <= low <= high, got {low}, {high}")
+    rng = np.random.default_rng([int(seed) % (1 << 64), int(iteration), _RANDOM_SPLIT_TAG])
+    return int(rng.integers(low, high + 1))
+
+
+def step_kinds(tree_cfg, iteration: int, seed: int) -> Tuple[Tuple[str, ...], Tuple[int, ...]]:
+    """``(kinds, split_steps)`` of one iteration from a ``TreeConfig``.
+
+    Split steps are SDE; the sliding window's steps are SDE; every other step is ``tree.base_kind``. With
+    ``tree.random_split.enabled`` the single split step is drawn per iteration (replacing ``tree.split_steps``) and
+    the window starts at it, truncated at the last step.
+    """
+    if isinstance(iteration, bool) or not isinstance(iteration, (int, np.integer)) or iteration < 0:
+        raise ValueError(f"iteration: expected an integer >= 0, got {iteration!r}")
+    n = tree_cfg.num_steps
+    rs = tree_cfg.random_split
+    if rs.enabled:
+        split = draw_split_step(rs.low, rs.high, seed, iteration)
+        splits: Tuple[int, ...] = (split,)
+        window = range(split, min(split + tree_cfg.window.size, n))
+    else:
+        splits = tuple(int(s) for s in tree_cfg.split_steps)
+        window = window_steps(tree_cfg.window, n, iteration)
+    sde = set(splits) | set(window)
+    kinds = tuple("sde" if i in sde else tree_cfg.base_kind for i in range(n))
+    return kinds, splits
+
+
+def _config_error(msg: str) -> Exception:
+    from .config import ConfigError
+
+    return ConfigError(msg)
+
+
+# ------------------------------------------------------------------------------------------------------ structure
+def build_structure(spec: TreeSpec, num_trees: int) -> Tree:
+    """The nodes a rollout of ``spec`` executes for ``num_trees`` prompts (``logp`` NaN).
+
+    Creation order: the roots tree by tree, then step by step the children of the frontier in frontier order
+    (a split parent's K children are consecutive), so every depth is tree-major.
+    """
+    if isinstance(num_trees, bool) or not isinstance(num_trees, (int, np.integer)) or num_trees < 1:
+        raise ValueError(f"num_trees: expected an integer >= 1, got {num_trees!r}")
+    t = Tree.empty(int(num_trees))
+    frontier = t.add_nodes(tree=np.repeat(np.arange(num_trees), spec.roots), parent=-1, depth=0, step=-1,
+                           sde=False, split=False)
+    for i in range(spec.num_steps):
+        parents = np.repeat(frontier, spec.children_per_node(i))
+        frontier = t.add_nodes(tree=t.tree[parents], parent=parents, depth=i + 1, step=i,
+                               sde=spec.kinds[i] == "sde", split=spec.is_split(i))
+    return t
+
+
+def accounting(spec: TreeSpec, guidance: bool = False) -> Dict[str, int]:
+    """Per-prompt cost of ``spec``: ``leaves, forward_passes, edges, sde_edges``.
+
+    A step costs one model evaluation per parent node (a split step evaluates once and samples K children);
+    classifier-free guidance doubles every evaluation.
+    """
+    n = spec.nodes_per_depth()
+    sde = np.asarray([k == "sde" for k in spec.kinds])
+    return {
+        "leaves": int(n[-1]),
+        "forward_passes": int(n[:-1].sum()) * (2 if guidance else 1),
+        "edges": int(n[1:].sum()),
+        "sde_edges": int(n[1:][sde].sum()),
+    }
+
+
+def count_trained_edges(cfg, spec: TreeSpec, iteration: int = 0, draws: int = 2) -> int:
+    """Trained edges per prompt under ``cfg.prune`` (``video_branch.pruning``).
+
+    Pruning is called on the structure with random node values and advantages; the count must not depend on them
+    (ranks stay in step), so it is drawn ``draws`` times and a difference is an error.
+    """
+    from .pruning import select_trained_edges
+
+    structure = build_structure(spec, 1)
+    counts = set()
+    for d in range(draws):
+        rng = np.random.default_rng([int(cfg.train.seed) % (1 << 64), int(iteration), d])
+        values = rng.standard_normal(structure.num_nodes).astype(np.float32)
+        advantages = rng.standard_normal(structure.num_nodes).astype(np.float32)
+        mask = np.asarray(select_trained_edges(structure, values, advantages, cfg, iteration, rng))
+        counts.add(int(np.count_nonzero(mask)))
+    if len(counts) != 1:
+        raise RuntimeError(f"the number of trained edges depends on the data ({sorted(counts)}); it must not")
+    return counts.pop()
+
+
+def config_accounting(cfg, iteration: int = 0) -> Dict[str, Any]:
+    """Per-prompt accounting of a resolved config at ``iteration`` (forward passes count CFG when enabled)."""
+    spec = TreeSpec.from_config(cfg, iteration)
+    guidance = cfg.rollout.guidance_scale != 1.0
+    out: Dict[str, Any] = {"method": cfg.method, "iteration": int(iteration)}
+    out.update(accounting(spec, guidance))
+    out["trained_edges"] = count_trained_edges(cfg, spec, iteration)
+    out["guidance_scale"] = cfg.rollout.guidance_scale
+    out["split_steps"] = list(spec.split_steps)
+    out["sde_steps"] = list(spec.sde_steps)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------------------ CLI
+_COLUMNS = (
+    ("method", "method", "{}"), ("leaves", "leaves", "{}"), ("forward_passes", "fwd passes", "{}"),
+    ("fwd_per_leaf", "fwd/leaf", "{:.2f}"), ("edges", "edges", "{}"), ("sde_edges", "sde edges", "{}"),
+    ("trained_edges", "trained", "{}"), ("trained_per_leaf", "trained/leaf", "{:.3f}"), ("sde_steps", "sde steps", "{}"),
+)
+
+
+def format_table(records: Sequence[Dict[str, Any]]) -> str:
+    rows = []
+    for r in records:
+        r = dict(r, fwd_per_leaf=r["forward_passes"] / r["leaves"], trained_per_leaf=r["trained_edges"] / r["leaves"],
+                 sde_steps=",".join(map(str, r["sde_steps"])))
+        rows.append([fmt.format(r[key]) for key, _, fmt in _COLUMNS])
+    heads = [h for _, h, _ in _COLUMNS]
+    widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(heads)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(heads, widths))]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in rows]
+    return "\n".join(lines)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    from .config import ConfigError, add_config_args, load_config
+    from .methods import preset_names
+
+    parser = argparse.ArgumentParser(
+        prog="python -m video_branch.tree",
+        description="Per-prompt cost of a run's trees: leaves, forward passes (counting CFG), edges, SDE edges and "
+                    "trained edges.",
+    )
+    add_config_args(parser)
+    parser.add_argument("--method", help="a method preset at its published defaults (or 'all')")
+    parser.add_argument("--iteration", type=int, default=0, help="training iteration (step kinds and pruning slide)")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    args = parser.parse_args(argv)
+    if args.config is None and args.method is None:
+        parser.error("give --config CONFIG or --method PRESET")
+    if args.iteration < 0:
+        parser.error(f"--iteration: expected an integer >= 0, got {args.iteration}")
+    methods = preset_names() if args.method == "all" else [args.method]
+    try:
+        records = [config_accounting(load_config(args.config, args.overrides, method=m), args.iteration)
+                   for m in methods]
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        payload: Any = {r["method"]: r for r in records} if args.method == "all" else records[0]
+        print(json.dumps(payload, indent=2))
+    else:
+        print(format_table(records))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
