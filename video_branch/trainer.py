@@ -77,9 +77,9 @@ class Trainer:
         self.eval_prompts = read_prompts(cfg.eval.prompt_file, key="eval.prompt_file")
         if cfg.eval.num_prompts:
             self.eval_prompts = self.eval_prompts[: cfg.eval.num_prompts]
-        from .models.wan import check_wan_dir
+        from .models.wan import read_model_index
 
-        check_wan_dir(cfg.model.path)
+        read_model_index(cfg.model.path)
 
         self.dist: Dist = init_distributed(cfg.parallel.sp_size, cfg.parallel.backend, cfg.train.device)
         torch.manual_seed(cfg.train.seed + self.dist.rank)
