@@ -1,0 +1,192 @@
+"""Credit assignment on rollout trees: leaf rewards -> fused node values -> depth-wise advantages.
+
+ALGORITHMS.md section 3. All functions are pure and work on flat node arrays of a :class:`~video_branch.tree.Tree`
+(shape ``[N]``, one entry per node, any number of trees). A leaf whose reward is NaN (the reward call failed) is left
+out of every fusion; a node with no valid leaf below it gets value NaN and advantage 0, so its edge still runs in the
+backward pass (ranks stay in lockstep) but carries no signal.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, Mapping, Tuple
+
+import numpy as np
+
+from .tree import Tree
+
+STD_EPS = 1e-8  # added to the std in the z-score (ALGORITHMS.md)
+STD_FLOOR = 1e-6  # below this std a depth carries no signal
+
+
+def _as_array(x: Any, name: str, n: int) -> np.ndarray:
+    """Node-length float64 numpy copy of a numpy array, list or torch tensor."""
+    if hasattr(x, "detach"):
+        x = x.detach().cpu().numpy()
+    a = np.asarray(x, dtype=np.float64).reshape(-1) if np.ndim(x) else None
+    if a is None or a.shape != (n,):
+        raise ValueError(f"{name}: expected one value per node, shape [{n}], got shape {np.shape(x)}")
+    return a.copy()
+
+
+def leaf_vector(tree: Tree, leaf_ids, scores) -> np.ndarray:
+    """Place per-leaf scores into a node-length array.
+
+    leaf_ids: [L] node indices (each a leaf of ``tree``, no repeats); scores: [L].
+    Returns float64 [N] holding ``scores`` at ``leaf_ids`` and NaN everywhere else.
+    """
+    ids = np.asarray(leaf_ids, dtype=np.int64).reshape(-1)
+    if hasattr(scores, "detach"):
+        scores = scores.detach().cpu().numpy()
+    s = np.asarray(scores, dtype=np.float64).reshape(-1)
+    if s.shape != ids.shape:
+        raise ValueError(f"leaf_vector: {ids.shape[0]} leaf ids but {s.shape[0]} scores")
+    n = tree.num_nodes
+    if ids.size and (ids.min() < 0 or ids.max() >= n):
+        raise ValueError(f"leaf_vector: leaf ids must lie in [0, {n - 1}], got {ids.min()}..{ids.max()}")
+    if np.unique(ids).size != ids.size:
+        raise ValueError("leaf_vector: a leaf id appears more than once")
+    not_leaf = ids[~tree.is_leaf[ids]]
+    if not_leaf.size:
+        raise ValueError(f"leaf_vector: nodes {not_leaf[:8].tolist()} are not leaves")
+    out = np.full(n, np.nan)
+    out[ids] = s
+    return out
+
+
+def fuse_values(tree: Tree, leaf_reward, mode: str = "mean", beta: float = 1.0) -> np.ndarray:
+    """Fused node values ``V(n) = sum_{valid leaves l below n} w_l r_l``, ``w = softmax_l(beta * log p(l | n))``.
+
+    tree: N nodes. leaf_reward: [N], the reward on leaves, NaN on internal nodes and on leaves whose reward failed.
+    mode: ``"mean"`` (beta = 0, the uniform mean over valid leaves) or ``"path"`` (path-weighted with ``beta``).
+    ``log p(l | n)`` is the sum of the edge log-probs from n down to l; edges without a log-prob (ODE edges) add 0.
+    Returns float64 [N]: ``V(leaf) = r``; NaN for nodes without a valid leaf below them.
+
+    Since ``log p(l | n) = C(l) - C(n)`` with ``C`` the cumulative log-prob from the root, the softmax over the leaves
+    below n only depends on ``beta * C(l)``. Each node keeps a stabilised log-sum-exp triple (max, sum of weights,
+    sum of weighted rewards) and merges its children's triples, one depth at a time from the deepest: O(N).
+    """
+    if mode not in ("mean", "path"):
+        raise ValueError(f"fuse_values: mode must be 'mean' or 'path', got {mode!r}")
+    n = tree.num_nodes
+    r = _as_array(leaf_reward, "leaf_reward", n)
+    leaf = tree.is_leaf
+    stray = np.nonzero(~leaf & np.isfinite(r))[0]
+    if stray.size:
+        raise ValueError(f"leaf_reward: internal nodes {stray[:8].tolist()} carry a reward; expected NaN there")
+    if np.any(np.isinf(r)):
+        raise ValueError("leaf_reward: infinite reward; expected finite values or NaN for a failed reward")
+    b = 0.0 if mode == "mean" else float(beta)
+    if not np.isfinite(b):
+        raise ValueError(f"fuse_values: beta must be finite, got {beta}")
+
+    edge = np.nan_to_num(tree.logp.astype(np.float64), nan=0.0)
+    cum = edge.copy()  # C(n): creation order is topological, so parents are final before their children
+    for d in range(1, int(tree.depth.max(initial=0)) + 1):
+        idx = np.nonzero(tree.depth == d)[0]
+        cum[idx] += cum[tree.parent[idx]]
+
+    valid = leaf & np.isfinite(r)
+    m = np.where(valid, b * cum, -np.inf)  # max of beta * C(l) over the valid leaves below
+    s = valid.astype(np.float64)  # sum of exp(beta * C(l) - m)
+    t = np.where(valid, r, 0.0)  # sum of exp(beta * C(l) - m) * r_l
+    for d in range(int(tree.depth.max(initial=0)), 0, -1):
+        idx = np.nonzero(tree.depth == d)[0]
+        live = idx[np.isfinite(m[idx])]
+        if live.size == 0:
+            continue
+        par = tree.parent[live]
+        np.maximum.at(m, par, m[live])
+        scale = np.exp(m[live] - m[par])
+        s += np.bincount(par, weights=s[live] * scale, minlength=n)
+        t += np.bincount(par, weights=t[live] * scale, minlength=n)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        v = np.where(s > 0, t / np.where(s > 0, s, 1.0), np.nan)
+    v[valid] = r[valid]  # exact, not t / s rounded
+    return v
+
+
+def depthwise_advantages(tree: Tree, values, clip: float = 5.0) -> np.ndarray:
+    """Depth-wise z-score of node values within each tree.
+
+    values: [N]. For every (tree, depth), over the nodes with a finite value:
+    ``A = (V - mean) / (std + 1e-8)`` with the unbiased std. A (tree, depth) with fewer than two valid nodes or with
+    std < 1e-6 gets A = 0; nodes with a NaN value get A = 0. The result is clipped to ``[-clip, clip]``.
+    Returns float64 [N]; the edge parent -> child takes ``A(child)``.
+    """
+    n = tree.num_nodes
+    v = _as_array(values, "values", n)
+    if not clip >= 0:
+        raise ValueError(f"depthwise_advantages: clip must be >= 0, got {clip}")
+    ok = np.isfinite(v)
+    group = tree.tree.astype(np.int64) * (int(tree.depth.max(initial=0)) + 1) + tree.depth
+    _, g = np.unique(group, return_inverse=True)
+    g = g.reshape(-1)
+    ng = int(g.max(initial=-1)) + 1
+    vz = np.where(ok, v, 0.0)
+    cnt = np.bincount(g, weights=ok.astype(np.float64), minlength=ng)
+    mean = np.bincount(g, weights=vz, minlength=ng) / np.maximum(cnt, 1.0)
+    dev = np.where(ok, v - mean[g], 0.0)  # two passes: no cancellation for large, close values
+    var = np.bincount(g, weights=dev * dev, minlength=ng) / np.maximum(cnt - 1.0, 1.0)
+    std = np.sqrt(var)
+    live = (cnt >= 2) & (std >= STD_FLOOR)
+    adv = np.where(ok & live[g], dev / (std[g] + STD_EPS), 0.0)
+    return np.clip(adv, -clip, clip)
+
+
+def _cfg_get(cfg: Any, key: str, default: Any) -> Any:
+    if isinstance(cfg, Mapping):
+        return cfg.get(key, default)
+    return getattr(cfg, key, default)
+
+
+def assign_credit(
+    tree: Tree,
+    leaf_rewards: Mapping[str, Any],
+    weights: Mapping[str, float],
+    cfg_credit: Any,
+) -> Tuple[np.ndarray, np.ndarray]:
+    """Values and advantages of every node from one or more leaf rewards.
+
+    leaf_rewards: name -> [N] (NaN off the leaves and on failed leaves, as in :func:`fuse_values`).
+    weights: name -> weight, the same names. cfg_credit: ``CreditConfig`` (or a mapping) with ``fusion``, ``beta``,
+    ``adv_clip``, ``aggregate``.
+
+    - ``sum_then_norm``: ``r = sum_k w_k r_k`` per leaf (a leaf is invalid if any component with nonzero weight is
+      NaN), then fuse and normalise ``r``.
+    - ``norm_then_sum``: fuse and normalise each ``r_k`` on its own (unclipped), ``A = sum_k w_k A_k``, then clip.
+
+    Components with weight 0 take no part (a reward that is only logged may fail without invalidating a leaf).
+    Returns ``(values [N], advantages [N])``, float64; ``values`` are the fused values of the weighted sum in both
+    modes (what tree dumps record).
+    """
+    names = list(leaf_rewards)
+    if not names:
+        raise ValueError("assign_credit: no rewards given")
+    missing = [k for k in names if k not in weights]
+    extra = [k for k in weights if k not in leaf_rewards]
+    if missing or extra:
+        raise ValueError(f"assign_credit: reward names {names} and weight names {list(weights)} differ "
+                         f"(missing weights: {missing}, weights without a reward: {extra})")
+    fusion = _cfg_get(cfg_credit, "fusion", "mean")
+    beta = float(_cfg_get(cfg_credit, "beta", 1.0))
+    clip = float(_cfg_get(cfg_credit, "adv_clip", 5.0))
+    aggregate = _cfg_get(cfg_credit, "aggregate", "sum_then_norm")
+    if aggregate not in ("sum_then_norm", "norm_then_sum"):
+        raise ValueError(f"credit.aggregate: expected 'sum_then_norm' or 'norm_then_sum', got {aggregate!r}")
+
+    n = tree.num_nodes
+    used = [k for k in names if float(weights[k]) != 0.0]
+    comps: Dict[str, np.ndarray] = {k: _as_array(leaf_rewards[k], f"leaf_rewards[{k!r}]", n) for k in names}
+    total = np.zeros(n)
+    for k in used:
+        total = total + float(weights[k]) * comps[k]  # NaN in any used component makes the leaf invalid
+    if not used:
+        total[:] = np.nan
+    values = fuse_values(tree, total, mode=fusion, beta=beta)
+    if aggregate == "sum_then_norm":
+        return values, depthwise_advantages(tree, values, clip=clip)
+    adv = np.zeros(n)
+    for k in used:
+        vk = fuse_values(tree, comps[k], mode=fusion, beta=beta)
+        adv += float(weights[k]) * depthwise_advantages(tree, vk, clip=np.inf)
+    return values, np.clip(adv, -clip, clip)
