@@ -6,7 +6,7 @@ model once per parent and samples its K children from correlated noise around th
 gives each node one child, by an SDE or an ODE step.
 
 Randomness is per tree: tree ``t`` draws from its own generator seeded with ``seeds[t]``, in a fixed order (its
-roots, then step by step its parents in creation order). The result therefore does not depend on the micro-batch
+roots, then at each SDE step the noise of all its children in one draw, before the step is micro-batched). The result therefore does not depend on the micro-batch
 size nor on which trees share a batch, and ranks of one sequence-parallel group given the same seeds draw the same
 noise. Noise is drawn on the CPU so it is also the same on any device.
 
@@ -246,6 +246,7 @@ def rollout(
         k = spec.children_per_node(i)
         stochastic = spec.kinds[i] == "sde"
         nxt = torch.empty((children.size, *shape), dtype=dtype, device=device)
+        step_noise = _step_noise(spec, i, shape, tree.tree[children], gens) if stochastic else None
         last = i == spec.num_steps - 1
         if last and reward_on == "x0_hat":
             leaf_x0 = torch.empty((children.size, *shape), dtype=dtype, device=store_device)
@@ -259,7 +260,7 @@ def rollout(
             steps = torch.from_numpy(tree.step[cb].copy())
             s, s_next = sigmas[steps], sigmas[steps + 1]
             if stochastic:
-                noise = torch.cat([_parent_noise(spec, i, shape, gens[tree.tree[p]]) for p in pb]).to(device)
+                noise = step_noise[a * k:(a + pb.size) * k].to(device)
                 eta = torch.from_numpy(edge_eta[cb].copy())
                 res = sde.sde_step(spec.sde_form, x, v, s, s_next, eta, s_cap=s_cap, noise=noise,
                                    reduce=logprob_reduce)
@@ -285,12 +286,24 @@ def rollout(
     )
 
 
-def _parent_noise(spec: TreeSpec, step: int, shape, gen: torch.Generator) -> torch.Tensor:
-    """``[k, *shape]`` standard-normal noise for one parent's children at ``step``, from its tree's generator."""
-    if step in spec.split_steps:
-        return sde.split_noise(shape, spec.branching, spec.correlation, generator=gen,
-                               independent=spec.split_noise == "independent")
-    return torch.randn((1, *shape), generator=gen)
+def _step_noise(spec: TreeSpec, step: int, shape, child_tree: np.ndarray, gens) -> torch.Tensor:
+    """``[len(child_tree), *shape]`` standard-normal noise of every child produced at ``step`` (CPU, float32).
+
+    Each tree draws its children's noise in one call on its own generator, before the step is micro-batched, so
+    the values depend on the seed and the tree's layout only. ``child_tree`` is tree-major (see build_structure).
+    """
+    out = torch.empty((child_tree.size, *shape), dtype=torch.float32)
+    k = spec.children_per_node(step)
+    trees, starts, counts = np.unique(child_tree, return_index=True, return_counts=True)
+    for t, a, n in zip(trees, starts, counts):
+        if step in spec.split_steps:
+            # split_noise returns [k, parents, ...]; children are stored parent-major.
+            xi = sde.split_noise((n // k, *shape), k, spec.correlation, generator=gens[t],
+                                 independent=spec.split_noise == "independent")
+            out[a:a + n] = xi.transpose(0, 1).reshape(n, *shape)
+        else:
+            out[a:a + n] = torch.randn((n, *shape), generator=gens[t])
+    return out
 
 
 def _check_velocity(v, expected) -> None:

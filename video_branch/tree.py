@@ -387,11 +387,24 @@ _COLUMNS = (
 )
 
 
+def _ranges(steps: Sequence[int]) -> str:
+    """``[0, 1, 2, 3, 6, 9]`` -> ``"0-3,6,9"``."""
+    parts: List[str] = []
+    for s in steps:
+        if parts and s == last + 1:
+            first = parts[-1].split("-")[0]
+            parts[-1] = f"{first}-{s}"
+        else:
+            parts.append(str(s))
+        last = s
+    return ",".join(parts) or "-"
+
+
 def format_table(records: Sequence[Dict[str, Any]]) -> str:
     rows = []
     for r in records:
         r = dict(r, fwd_per_leaf=r["forward_passes"] / r["leaves"], trained_per_leaf=r["trained_edges"] / r["leaves"],
-                 sde_steps=",".join(map(str, r["sde_steps"])))
+                 sde_steps=_ranges(r["sde_steps"]))
         rows.append([fmt.format(r[key]) for key, _, fmt in _COLUMNS])
     heads = [h for _, h, _ in _COLUMNS]
     widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(heads)]
