@@ -287,7 +287,7 @@ def test_zero_weight_reward_does_not_invalidate_leaves():
     logged = chain_rewards(tree, [[np.nan, 0.5, np.nan]])
     for aggregate in ("sum_then_norm", "norm_then_sum"):
         cfg = CreditConfig(fusion="mean", aggregate=aggregate)
-        values, adv = assign_credit(tree, {"a": ra, "log": logged}, {"a": 1.0, "log": 0.0}, cfg)
+        _values, adv = assign_credit(tree, {"a": ra, "log": logged}, {"a": 1.0, "log": 0.0}, cfg)
         np.testing.assert_allclose(adv[tree.leaves(0)], group_z(a), rtol=1e-9)
 
 
@@ -312,7 +312,7 @@ def test_leaf_vector_and_input_checks():
         leaf_vector(tree, [leaves[0], leaves[0]], [1.0, 2.0])
     with pytest.raises(ValueError, match="internal nodes"):
         fuse_values(tree, np.ones(tree.num_nodes))
-    with pytest.raises(ValueError, match=r"shape \[%d\]" % tree.num_nodes):
+    with pytest.raises(ValueError, match=rf"shape \[{tree.num_nodes}\]"):
         fuse_values(tree, np.ones(3))
     with pytest.raises(ValueError, match="mode"):
         fuse_values(tree, v, mode="max")

@@ -8,7 +8,8 @@ backward pass (ranks stay in lockstep) but carries no signal.
 
 from __future__ import annotations
 
-from typing import Any, Dict, Mapping, Tuple
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 
@@ -144,7 +145,7 @@ def assign_credit(
     leaf_rewards: Mapping[str, Any],
     weights: Mapping[str, float],
     cfg_credit: Any,
-) -> Tuple[np.ndarray, np.ndarray]:
+) -> tuple[np.ndarray, np.ndarray]:
     """Values and advantages of every node from one or more leaf rewards.
 
     leaf_rewards: name -> [N] (NaN off the leaves and on failed leaves, as in :func:`fuse_values`).
@@ -176,7 +177,7 @@ def assign_credit(
 
     n = tree.num_nodes
     used = [k for k in names if float(weights[k]) != 0.0]
-    comps: Dict[str, np.ndarray] = {k: _as_array(leaf_rewards[k], f"leaf_rewards[{k!r}]", n) for k in names}
+    comps: dict[str, np.ndarray] = {k: _as_array(leaf_rewards[k], f"leaf_rewards[{k!r}]", n) for k in names}
     total = np.zeros(n)
     for k in used:
         total = total + float(weights[k]) * comps[k]  # NaN in any used component makes the leaf invalid
