@@ -160,6 +160,7 @@ class ParallelConfig:
     zero_stage: int = _f(3, help="DeepSpeed ZeRO stage", min=0, max=3)
     ds_config: str = _f("configs/ds/zero3_cpu.json", help="DeepSpeed JSON config")
     backend: Literal["auto", "gloo", "nccl"] = _f("auto", help="process-group backend (auto: nccl on GPU, gloo on CPU)")
+    cpu_shm_allreduce: bool = _f(False, help="DeepSpeed's shared-memory CPU all-reduce (JIT-compiles a C++ op on first use)")
 
 
 @dataclass

@@ -81,7 +81,8 @@ class Trainer:
 
         read_model_index(cfg.model.path)
 
-        self.dist: Dist = init_distributed(cfg.parallel.sp_size, cfg.parallel.backend, cfg.train.device)
+        self.dist: Dist = init_distributed(cfg.parallel.sp_size, cfg.parallel.backend, cfg.train.device,
+                                                cfg.parallel.cpu_shm_allreduce)
         torch.manual_seed(cfg.train.seed + self.dist.rank)
         self._build_models()
         self._build_engine()

@@ -67,9 +67,10 @@ def choose_device(requested: str, local_rank: int) -> torch.device:
     return torch.device("cuda", local_rank)
 
 
-def init_distributed(sp_size: int = 1, backend: str = "auto", device: str = "auto") -> Dist:
+def init_distributed(sp_size: int = 1, backend: str = "auto", device: str = "auto", cpu_shm_allreduce: bool = False) -> Dist:
     """Initialise torch.distributed (through DeepSpeed) for launcher, torchrun or a plain single process."""
     import deepspeed
+    import deepspeed.ops
 
     if "RANK" not in os.environ:  # a plain `python -m video_branch.train`: a world of one
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
@@ -77,6 +78,10 @@ def init_distributed(sp_size: int = 1, backend: str = "auto", device: str = "aut
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     dev = choose_device(device, local_rank)
+    if dev.type == "cpu" and not cpu_shm_allreduce:
+        # DeepSpeed's CPU shared-memory all-reduce is compiled on first use (minutes on a small machine); plain gloo
+        # is fast enough for the CPU world sizes this runs at.
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     if not dist.is_initialized():
         deepspeed.init_distributed(dist_backend=choose_backend(backend, dev), verbose=False)
     if world % sp_size:
