@@ -259,7 +259,7 @@ def _exact_chain_moments(spec):
         s, sn, eta = sig[i], sig[i + 1], spec.step_eta(i)
         V = (1 - s) ** 2 * S0**2 + s**2
 
-        def mu(x):
+        def mu(x, s=s, sn=sn, eta=eta, V=V):
             v = (s - (1 - s) * S0**2) / V * (x - (1 - s) * m) - m
             return _dance_mean(x, v, s, sn, eta)
 
@@ -277,8 +277,7 @@ def _leaf_moments(spec, num_trees, seed0):
     leaves = r.leaf_latents.double().view(num_trees, -1, 16)
     a = leaves.mean(1)
     q = ((leaves - M_DATA.double().view(1, 1, 16)) ** 2).mean(1)
-    se = lambda z: z.std(0) / math.sqrt(num_trees)  # noqa: E731
-    return a.mean(0), se(a), q.mean(0), se(q)
+    return a.mean(0), a.std(0) / math.sqrt(num_trees), q.mean(0), q.std(0) / math.sqrt(num_trees)
 
 
 def _assert_close_z(x, se_x, target, se_target=0.0, z=4.5, slack=0.0):

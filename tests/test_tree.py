@@ -208,6 +208,8 @@ def test_cli_lists_every_preset():
     assert table.returncode == 0
     lines = table.stdout.strip().splitlines()
     assert len(lines) == 1 + len(preset_names()) and lines[0].split()[:2] == ["method", "leaves"]
+    mix = next(line.split() for line in lines if line.startswith("branchgrpo_mix "))
+    assert mix[1:3] == ["16", "203"] and mix[-1] == "0-3,6,9"
 
 
 def test_cli_reports_bad_keys():

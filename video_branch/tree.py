@@ -389,15 +389,13 @@ _COLUMNS = (
 
 def _ranges(steps: Sequence[int]) -> str:
     """``[0, 1, 2, 3, 6, 9]`` -> ``"0-3,6,9"``."""
-    parts: List[str] = []
+    runs: List[List[int]] = []
     for s in steps:
-        if parts and s == last + 1:
-            first = parts[-1].split("-")[0]
-            parts[-1] = f"{first}-{s}"
+        if runs and s == runs[-1][1] + 1:
+            runs[-1][1] = s
         else:
-            parts.append(str(s))
-        last = s
-    return ",".join(parts) or "-"
+            runs.append([s, s])
+    return ",".join(f"{a}-{b}" if b > a else str(a) for a, b in runs) or "-"
 
 
 def format_table(records: Sequence[Dict[str, Any]]) -> str:
