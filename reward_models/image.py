@@ -116,7 +116,8 @@ class _ClipReward:
 
     def __call__(self, frames: torch.Tensor, prompts: List[str]) -> Dict[str, torch.Tensor]:
         if not isinstance(frames, torch.Tensor) or frames.dim() != 5 or frames.shape[-1] != 3:
-            raise ValueError(f"{self.key}: frames must be uint8 [B, T, H, W, 3], got {getattr(frames, 'shape', frames)}")
+            got = getattr(frames, "shape", frames)
+            raise ValueError(f"{self.key}: frames must be uint8 [B, T, H, W, 3], got {got}")
         if frames.dtype != torch.uint8:
             raise ValueError(f"{self.key}: frames must be uint8, got {frames.dtype}")
         b, t = frames.shape[:2]

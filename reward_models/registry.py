@@ -64,7 +64,8 @@ def check_options(name: str, ctor: Callable, options: Dict) -> None:
         if key not in accepted:
             close = difflib.get_close_matches(key, accepted, n=1)
             hint = f" Did you mean '{close[0]}'?" if close else ""
-            raise TypeError(f"reward '{name}': unknown option '{key}'. Accepted: {', '.join(accepted) or 'none'}.{hint}")
+            raise TypeError(f"reward '{name}': unknown option '{key}'. "
+                            f"Accepted: {', '.join(accepted) or 'none'}.{hint}")
     missing = [k for k, p in params.items()
                if p.default is inspect.Parameter.empty and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
                and k not in options]

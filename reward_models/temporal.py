@@ -10,9 +10,9 @@ the frame's shorter side so that every term is resolution-free.
 
 Per clip (means over the T-1 pairs, or the T-2 triples for smoothness):
 
-- ``warp``       = exp(-rmse / warp_scale), rmse = sqrt(mean over valid pixels and channels of (I_t - W_t)^2)
-                   (the warping error of the video-consistency literature), over in-frame pixels. Pixels that fail
-                   the round trip count with the error ``occlusion_penalty``, so a clip whose flow cannot be trusted anywhere (a cut, a
+- ``warp``       = exp(-rmse / warp_scale), rmse = sqrt(mean over in-frame pixels and channels of (I_t - W_t)^2)
+                   (the warping error of the video-consistency literature). Pixels that fail the round trip count
+                   with the error ``occlusion_penalty``, so a clip whose flow cannot be trusted anywhere (a cut, a
                    shuffle) cannot score well by having nothing left to compare.
 - ``flicker``    = exp(-|mean residual| / flicker_scale): the part of the motion-compensated residual ``I_t - W_t``
                    that is uniform over the frame (a global brightness or colour jump), L2 over channels.

@@ -1,3 +1,4 @@
+# ruff: noqa: E501, W291  (the prompt template below is the trained text, long lines and trailing spaces included)
 """VideoAlign (VideoReward): Qwen2-VL-2B with a linear reward head read at three special tokens.
 
 Loads the released checkpoint layout from a local directory and scores in-memory frames on transformers 5::
@@ -401,7 +402,9 @@ class VideoAlign:
         self.template = data.get("prompt_template_type", "detailed_special")
         build_prompt("", self.template)
         self.video_fps = float(video_fps)
-        self.num_frames = num_frames if num_frames is not None else (None if fps is not None else data.get("num_frames"))
+        # An explicit fps means fps sampling, even when the config fixes a frame count.
+        self.num_frames = num_frames if num_frames is not None else (
+            None if fps is not None else data.get("num_frames"))
         self.fps = float(fps if fps is not None else data.get("fps") or 2.0)
         self.max_pixels = int(max_pixels if max_pixels is not None else data.get("max_frame_pixels", 240 * 320))
         self.min_pixels = int(min_pixels)
@@ -510,7 +513,8 @@ class VideoAlign:
 
     def __call__(self, frames: torch.Tensor, prompts: List[str]) -> Dict[str, torch.Tensor]:
         if not isinstance(frames, torch.Tensor) or frames.dim() != 5 or frames.shape[-1] != 3:
-            raise ValueError(f"videoalign: frames must be uint8 [B, T, H, W, 3], got {getattr(frames, 'shape', frames)}")
+            got = getattr(frames, "shape", frames)
+            raise ValueError(f"videoalign: frames must be uint8 [B, T, H, W, 3], got {got}")
         if frames.dtype != torch.uint8:
             raise ValueError(f"videoalign: frames must be uint8, got {frames.dtype}")
         if len(prompts) != frames.shape[0]:
