@@ -98,6 +98,8 @@ class RolloutConfig:
     negative_prompt: str = _f("", help="prompt of the unconditional branch of CFG")
     frontier_batch: int = _f(64, help="max nodes per transformer call during rollout (CFG doubles it)", min=1)
     store_on_cpu: bool = _f(True, help="keep stored latents on the CPU")
+    gathered_weights: bool = _f(True, help="roll out on a full copy of the weights gathered once per iteration "
+                                "(fast; costs one unpartitioned copy) instead of through ZeRO-3's per-layer hooks")
     decode_batch: int = _f(16, help="clips per VAE decode call", min=1)
     reward_on: Literal["final", "x0_hat"] = _f("final", help="decode the final latent or the last step's x0_hat")
 
@@ -175,6 +177,7 @@ class TrainConfig:
     checkpoint_every: int = _f(10, help="iterations between checkpoints (0 = only at the end)", min=0)
     keep_checkpoints: int = _f(2, help="checkpoints kept on disk", min=1)
     device: Literal["auto", "cpu", "cuda"] = _f("auto", help="device")
+    cpu_threads: int = _f(0, help="torch threads per rank on CPU (0 = cores / ranks on this node)", min=0)
 
 
 @dataclass

@@ -43,7 +43,7 @@ def heldout_scores(trainer, iteration: int) -> Dict[str, np.ndarray]:
         neg = trainer.encoder.encode([cfg.rollout.negative_prompt])[0]
     spec = ode_spec(cfg.eval.num_steps, cfg.tree.shift, cfg.eval.clips_per_prompt)
     seeds = [cfg.eval.seed * 100003 + max(i, 0) for i in mine]
-    module = trainer.engine.module
+    module = trainer.rollout_module()
     module.eval()
     with torch.no_grad():
         res = rollout(spec, trainer._model_fn(module), emb, latent_shape=trainer.latent_shape, seeds=seeds,

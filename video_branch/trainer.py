@@ -10,6 +10,7 @@ come from the configuration, and a lockstep check all-reduces the per-iteration 
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import time
@@ -30,7 +31,7 @@ from .objectives import get_objective
 from .parallel.groups import Dist, init_distributed
 from .pruning import select_trained_edges
 from .rollout import RolloutResult, edge_inputs, rollout
-from .sde import gaussian_log_prob, get_sde_form
+from .sde import gaussian_log_prob, sde_mean_std
 from .tree import TreeSpec, build_structure
 
 
@@ -82,7 +83,7 @@ class Trainer:
         read_model_index(cfg.model.path)
 
         self.dist: Dist = init_distributed(cfg.parallel.sp_size, cfg.parallel.backend, cfg.train.device,
-                                                cfg.parallel.cpu_shm_allreduce)
+                                                cfg.parallel.cpu_shm_allreduce, cfg.train.cpu_threads)
         torch.manual_seed(cfg.train.seed + self.dist.rank)
         self._build_models()
         self._build_engine()
@@ -136,6 +137,9 @@ class Trainer:
             ds_config["bf16"] = {"enabled": True}
         model = self.models.transformer
         model.train()
+        self.policy_copy = None
+        if cfg.rollout.gathered_weights:
+            self.policy_copy = copy.deepcopy(model).requires_grad_(False).eval()
         params = [p for p in model.parameters() if p.requires_grad]
         # A torch optimizer object: DeepSpeed's own AdamW would JIT-compile FusedAdam (minutes on CPU).
         optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
@@ -149,6 +153,19 @@ class Trainer:
         self.objective = get_objective(cfg.objective.name)
 
     # ------------------------------------------------------------------------------------------------ policy calls
+    def rollout_module(self):
+        """The module sampling runs on: the gathered copy (refreshed from the engine) or the ZeRO-3 module."""
+        if self.policy_copy is None:
+            return self.engine.module
+        import deepspeed
+
+        src = list(self.engine.module.parameters())
+        with deepspeed.zero.GatheredParameters(src, enabled=self.cfg.parallel.zero_stage == 3):
+            with torch.no_grad():
+                for a, b in zip(src, self.policy_copy.parameters()):
+                    b.copy_(a.data.to(b.dtype))
+        return self.policy_copy
+
     def _model_fn(self, module):
         from .models.wan import velocity
 
@@ -171,12 +188,14 @@ class Trainer:
         emb, neg = self._embeddings(prompts)
         spec = TreeSpec.from_config(cfg, iteration)
         seeds = [tree_seed(cfg.train.seed, iteration, self.dist.dp_rank, j) for j in range(len(prompts))]
-        self.engine.module.eval()
+        module = self.rollout_module()
+        module.eval()
         with torch.no_grad():
-            res = rollout(spec, self._model_fn(self.engine.module), emb, latent_shape=self.latent_shape, seeds=seeds,
+            res = rollout(spec, self._model_fn(module), emb, latent_shape=self.latent_shape, seeds=seeds,
                           negative_embeds=neg, guidance_scale=cfg.rollout.guidance_scale,
                           frontier_batch=cfg.rollout.frontier_batch, store_on_cpu=cfg.rollout.store_on_cpu,
-                          reward_on=cfg.rollout.reward_on, device=self.dist.device)
+                          reward_on=cfg.rollout.reward_on, device=self.dist.device,
+                          logprob_reduce=cfg.objective.logprob_reduce)
         self.engine.module.train()
         res.prompts = prompts
         res.spec = spec
@@ -204,8 +223,8 @@ class Trainer:
         if edges.size != self.edges_per_iteration:
             raise LockstepError(f"iteration {iteration}: {edges.size} trained edges on rank {self.dist.rank}, "
                                 f"expected {self.edges_per_iteration} from the config")
-        form = get_sde_form(res.spec.sde_form)
-        s_cap = res.sigmas[1]
+        form = res.spec.sde_form
+        s_cap = res.s_cap
         gen = torch.Generator().manual_seed(cfg.train.seed * 1000003 + iteration)
         ratio_dev_first, losses, clipfr, kls, ratio_dev_all, skipped = float("nan"), [], [], [], 0.0, 0
         grad_norm = float("nan")
@@ -220,14 +239,14 @@ class Trainer:
                 eta = inp["eta"].to(self.dist.device)
                 emb = res.embeds[torch.as_tensor(inp["tree_index"])].to(self.dist.device)
                 v = self._velocity_cfg(self.engine, x, s, emb, res.negative)
-                mean, std = form(x, v, s, s_next, eta, s_cap)
+                mean, std = sde_mean_std(form, x, v, s, s_next, eta, s_cap)
                 logp = gaussian_log_prob(x_next, mean, std, reduce=cfg.objective.logprob_reduce)
                 logp_old = inp["logp_old"].to(logp)
                 mean_ref = None
                 if self.reference is not None:
                     with torch.no_grad():
                         v_ref = self._velocity_cfg(self.reference, x, s, emb, res.negative)
-                        mean_ref, _ = form(x, v_ref, s, s_next, eta, s_cap)
+                        mean_ref, _ = sde_mean_std(form, x, v_ref, s, s_next, eta, s_cap)
                 mean_old = None
                 if cfg.objective.ratio_norm:
                     mean_old = inp["mean_old"].to(self.dist.device) if "mean_old" in inp else mean.detach()
@@ -396,7 +415,7 @@ class Trainer:
         row["invalid_leaves"] = row["invalid_leaves"] * d.world_size  # a sum over ranks, not a mean
         row.update(rollout_s=t1 - t0, reward_s=t2 - t1, train_s=t3 - t2, iter_s=time.perf_counter() - t0,
                    forward_passes=self._stats.forward_passes, trained_edges=self._stats.trained_edges,
-                   lr=float(self.optimizer.param_groups[0]["lr"]))
+                   lr=float(self.engine.get_lr()[0]))
         return row
 
     # ------------------------------------------------------------------------------------------------ I/O

@@ -67,7 +67,15 @@ def choose_device(requested: str, local_rank: int) -> torch.device:
     return torch.device("cuda", local_rank)
 
 
-def init_distributed(sp_size: int = 1, backend: str = "auto", device: str = "auto", cpu_shm_allreduce: bool = False) -> Dist:
+def cpu_threads_per_rank() -> int:
+    """Cores of this node shared by its ranks: oversubscribed OpenMP threads spin and slow every rank down."""
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // max(1, local_world))
+
+
+def init_distributed(sp_size: int = 1, backend: str = "auto", device: str = "auto", cpu_shm_allreduce: bool = False,
+                     cpu_threads: int = 0) -> Dist:
     """Initialise torch.distributed (through DeepSpeed) for launcher, torchrun or a plain single process."""
     import deepspeed
     import deepspeed.ops
@@ -89,6 +97,8 @@ def init_distributed(sp_size: int = 1, backend: str = "auto", device: str = "aut
             f"config key 'parallel.sp_size': {sp_size} does not divide the world size {world}; "
             f"accepted: {[d for d in range(1, world + 1) if world % d == 0]}"
         )
+    if dev.type == "cpu":
+        torch.set_num_threads(cpu_threads or cpu_threads_per_rank())
     d = Dist(rank=rank, world_size=world, local_rank=local_rank, sp_size=sp_size, device=dev)
     # Every rank must create every group, in the same order.
     for g in range(world // sp_size):

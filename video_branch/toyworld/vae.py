@@ -1,0 +1,117 @@
+"""ToyVAE: a small 3D-conv VAE with AutoencoderKLWan's interface and latent shape, for the toy world.
+
+Latents are ``[B, z_dim, 1 + (F - 1) / 4, H / 8, W / 8]`` like Wan's VAE: the first frame is encoded on its own (it is
+repeated three times in front, as Wan's causal padding does) and every following group of four frames becomes one
+latent frame. ``encode`` returns a diagonal Gaussian posterior, ``decode`` returns frames in [-1, 1]; the config
+carries ``z_dim``, ``latents_mean``, ``latents_std``, ``scale_factor_temporal`` and ``scale_factor_spatial``, which is
+all that WanPipeline and our loader read. It exists because AutoencoderKLWan trained from scratch learns the
+background long before the objects (docs/TOYWORLD.md), while this network reconstructs toy clips in minutes.
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional, Tuple
+
+import torch
+from diffusers import ModelMixin  # noqa: F401  (diffusers' loader looks the base class up in this module)
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.autoencoders.vae import DecoderOutput, DiagonalGaussianDistribution
+from diffusers.models.modeling_outputs import AutoencoderKLOutput
+from torch import nn
+
+
+def _conv(cin: int, cout: int, kernel=(3, 3, 3), act: bool = True) -> nn.Sequential:
+    pad = tuple(k // 2 for k in kernel)
+    layers = [nn.Conv3d(cin, cout, kernel, 1, pad)]
+    if act:
+        layers += [nn.GroupNorm(min(8, cout), cout), nn.SiLU()]
+    return nn.Sequential(*layers)
+
+
+def fold(x: torch.Tensor, ft: int, fs: int) -> torch.Tensor:
+    """Space/time-to-depth: [B, C, T, H, W] -> [B, C*ft*fs*fs, T/ft, H/fs, W/fs]."""
+    b, c, t, h, w = x.shape
+    x = x.view(b, c, t // ft, ft, h // fs, fs, w // fs, fs)
+    return x.permute(0, 1, 3, 5, 7, 2, 4, 6).reshape(b, c * ft * fs * fs, t // ft, h // fs, w // fs)
+
+
+def unfold(x: torch.Tensor, c: int, ft: int, fs: int) -> torch.Tensor:
+    """Inverse of ``fold``: [B, c*ft*fs*fs, T, H, W] -> [B, c, T*ft, H*fs, W*fs]."""
+    b, _, t, h, w = x.shape
+    x = x.view(b, c, ft, fs, fs, t, h, w)
+    return x.permute(0, 1, 5, 2, 6, 3, 7, 4).reshape(b, c, t * ft, h * fs, w * fs)
+
+
+class ToyVAE(ModelMixin, ConfigMixin):
+    """Folds each group of 4 frames and each 4x4 pixel block into channels, so every convolution runs at H/4 or H/8.
+
+    CPU cost is what matters here: a full-resolution 3D convolution costs more than this whole network.
+    """
+
+    config_name = "config.json"
+
+    @register_to_config
+    def __init__(
+        self,
+        z_dim: int = 16,
+        channels: Tuple[int, ...] = (64, 96),
+        latents_mean: Optional[List[float]] = None,
+        latents_std: Optional[List[float]] = None,
+        scale_factor_temporal: int = 4,
+        scale_factor_spatial: int = 8,
+    ):
+        super().__init__()
+        if scale_factor_temporal != 4 or scale_factor_spatial != 8:
+            raise ValueError("ToyVAE: only scale_factor_temporal=4 and scale_factor_spatial=8 are implemented")
+        if len(channels) != 2:
+            raise ValueError(f"ToyVAE: channels must have 2 entries (H/4 and H/8 widths), got {channels}")
+        c1, c2 = channels
+        folded = 3 * 4 * 4 * 4
+        self.encoder = nn.Sequential(
+            _conv(folded, c1, (1, 3, 3)),
+            _conv(c1, c1),
+            nn.Conv3d(c1, c2, (1, 4, 4), (1, 2, 2), (0, 1, 1)),  # H/8
+            nn.SiLU(),
+            _conv(c2, c2),
+            _conv(c2, 2 * z_dim, act=False),
+        )
+        self.decoder = nn.Sequential(
+            _conv(z_dim, c2),
+            _conv(c2, c2),
+            nn.Upsample(scale_factor=(1, 2, 2), mode="nearest"),  # H/4
+            _conv(c2, c1),
+            _conv(c1, c1),
+            _conv(c1, folded, (1, 3, 3), act=False),
+        )
+        self.refine = nn.Sequential(_conv(3, 16, (1, 3, 3)), _conv(16, 3, (1, 3, 3), act=False))
+        self.z_dim = z_dim
+
+    def _check(self, x: torch.Tensor, what: str, channels: int) -> None:
+        if x.dim() != 5 or x.shape[1] != channels:
+            raise ValueError(f"ToyVAE.{what}: expected [B, {channels}, T, H, W], got {tuple(x.shape)}")
+
+    def encode(self, x: torch.Tensor, return_dict: bool = True):
+        """x [B, 3, F, H, W] in [-1, 1], F = 4k + 1, H and W multiples of 8 -> posterior over [B, z, k + 1, H/8, W/8]."""
+        self._check(x, "encode", 3)
+        f, h, w = x.shape[2:]
+        if (f - 1) % 4 or h % 8 or w % 8:
+            raise ValueError(f"ToyVAE.encode: frames must be 4k+1 and H, W multiples of 8; got F={f}, H={h}, W={w}")
+        x = torch.cat([x[:, :, :1].expand(-1, -1, 3, -1, -1), x], dim=2)
+        posterior = DiagonalGaussianDistribution(self.encoder(fold(x, 4, 4)))
+        return AutoencoderKLOutput(latent_dist=posterior) if return_dict else (posterior,)
+
+    def decode(self, z: torch.Tensor, return_dict: bool = True):
+        """z [B, z_dim, k + 1, h, w] -> frames [B, 3, 4k + 1, 8h, 8w] clamped to [-1, 1]."""
+        self._check(z, "decode", self.z_dim)
+        out = self.decode_unclamped(z.to(self.dtype)).clamp(-1.0, 1.0)
+        return DecoderOutput(sample=out) if return_dict else (out,)
+
+    def decode_unclamped(self, z: torch.Tensor) -> torch.Tensor:
+        """Decoder output before clamping (training uses it so saturated pixels still get gradients)."""
+        x = unfold(self.decoder(z), 3, 4, 4)
+        return (x + self.refine(x))[:, :, 3:]
+
+    def forward(self, sample: torch.Tensor, sample_posterior: bool = False, return_dict: bool = True):
+        posterior = self.encode(sample).latent_dist
+        z = posterior.sample() if sample_posterior else posterior.mode()
+        return self.decode(z, return_dict=return_dict)
