@@ -1,0 +1,597 @@
+#!/usr/bin/env python
+"""Evaluate a generator with VideoAlign, or VideoAlign itself on VideoGen-RewardBench.
+
+Generator evaluation (``generate``): sample one clip per (prompt, seed) with fixed seeds, write it as mp4, score the
+decoded mp4 with VideoAlign (VQ, MQ, TA, Overall) and the temporal-consistency reward, and write::
+
+    OUT/videos/<id>.mp4     the clips (id = p<prompt index>_c<clip index>)
+    OUT/results.jsonl       one row per scored clip: id, prompt, seed, video, and every score
+    OUT/summary.json        mean, 95% confidence interval (normal, 1.96 s / sqrt(n)) and n per metric
+    OUT/summary.md          the same as a markdown table
+    OUT/settings.json       the settings the folder was made with (a rerun with other settings is refused)
+
+Given ``--baseline`` (another evaluation's folder or results.jsonl with the same prompts and seeds), clips are paired
+by (prompt, seed) and the summary adds the mean paired difference with its confidence interval and the win / tie /
+loss rates. Reruns skip clips already in results.jsonl; a clip whose mp4 exists but is unscored is scored from the
+file. A missing or corrupt mp4 is reported and regenerated (with ``--model``) or skipped (without it: scoring videos
+made elsewhere, named OUT/videos/<id>.mp4).
+
+Reward-model evaluation (``rewardbench``): a VideoGen-RewardBench CSV (path_A, path_B, prompt, fps_A, fps_B,
+num_frames_A, num_frames_B, VQ, MQ, TA, Overall with labels A / B / same). Each video is scored once (cached in
+OUT/scores.jsonl, keyed by the CSV's path and prompt; prefill it to evaluate scores from elsewhere), then per dimension:
+accuracy without ties (pairs labelled same are left out; a zero score difference counts as wrong) and accuracy with
+ties (Deutsch et al. 2023, "Ties Matter": a difference within a threshold predicts a tie; the threshold is swept over
+"no ties" and every |difference|, and the best accuracy is reported with its threshold).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from render_compare import UserError, parse_reward, quiet_libraries, resolve_device, run_defaults  # noqa: E402
+
+VIDEOALIGN_KEYS = ("VQ", "MQ", "TA", "Overall")
+MAIN_KEYS = (*VIDEOALIGN_KEYS, "temporal_consistency")
+LABELS = {"A": 1, "B": -1, "same": 0}
+Z95 = 1.959963984540054
+
+
+# -------------------------------------------------------------------------------------------------------- stats
+def mean_ci(values: Sequence[float]) -> Dict[str, float]:
+    """Mean, sample std, 95% CI half-width (normal approximation) and n of the finite values (CI NaN for n < 2)."""
+    x = np.asarray(values, dtype=np.float64)
+    x = x[np.isfinite(x)]
+    n = int(x.size)
+    if n == 0:
+        return {"mean": float("nan"), "std": float("nan"), "ci95": float("nan"), "n": 0}
+    std = float(x.std(ddof=1)) if n > 1 else float("nan")
+    return {"mean": float(x.mean()), "std": std, "ci95": Z95 * std / math.sqrt(n) if n > 1 else float("nan"), "n": n}
+
+
+def paired_difference(ours: Sequence[float], base: Sequence[float]) -> Dict[str, float]:
+    """Paired differences ours - base over pairs where both are finite: mean, CI, and win / tie / loss rates."""
+    a, b = np.asarray(ours, np.float64), np.asarray(base, np.float64)
+    keep = np.isfinite(a) & np.isfinite(b)
+    d = a[keep] - b[keep]
+    out = mean_ci(d)
+    n = max(d.size, 1)
+    out.update(win_rate=float((d > 0).sum() / n) if d.size else float("nan"),
+               tie_rate=float((d == 0).sum() / n) if d.size else float("nan"),
+               loss_rate=float((d < 0).sum() / n) if d.size else float("nan"))
+    return {"mean_diff": out.pop("mean"), **out}
+
+
+def accuracy_without_ties(human: Sequence[int], diff: Sequence[float]) -> float:
+    """Share of pairs with a preference (human label +1 / -1) whose score difference has the same sign.
+
+    human: N labels (1: A preferred, -1: B, 0: tie); diff: N score differences score(A) - score(B).
+    Human ties are left out; a zero difference counts as a wrong prediction. NaN when no pair has a preference.
+    """
+    h, m = np.asarray(human), np.asarray(diff, np.float64)
+    pref = h != 0
+    if not pref.any():
+        return float("nan")
+    return float((h[pref] * m[pref] > 0).mean())
+
+
+def accuracy_with_ties(human: Sequence[int], diff: Sequence[float]) -> Tuple[float, float]:
+    """Tie-calibrated pairwise accuracy (Ties Matter): max over thresholds eps of the share of pairs predicted right,
+    where |diff| <= eps predicts a tie and otherwise sign(diff) predicts the preferred side.
+
+    Thresholds swept: "no predicted ties" (eps = -inf) and every |diff|. Returns (accuracy, best eps); the smallest
+    best eps when several tie. O(N log N).
+    """
+    h, m = np.asarray(human), np.asarray(diff, np.float64)
+    if h.size == 0:
+        return float("nan"), float("nan")
+    a = np.abs(m)
+    order = np.argsort(a, kind="stable")
+    a, h, m = a[order], h[order], m[order]
+    tie_ok = np.cumsum(h == 0)  # human ties inside the threshold (predicted tie: right)
+    agree = (h != 0) & (h * m > 0)
+    agree_above = agree.sum() - np.cumsum(agree)  # preferences outside the threshold with the right sign
+    # A threshold at a[i] must include every pair with the same |diff|: evaluate at the last of each run.
+    last = np.r_[a[1:] != a[:-1], True]
+    correct = (tie_ok + agree_above)[last]
+    thresholds = a[last]
+    best = int(np.argmax(correct))
+    no_ties = int(agree.sum())
+    if no_ties >= correct[best]:
+        return no_ties / h.size, float("-inf")
+    return float(correct[best] / h.size), float(thresholds[best])
+
+
+# ------------------------------------------------------------------------------------------------------ prompts
+def read_prompt_set(path: str) -> List[str]:
+    """Prompts from a TXT file (one per line) or a CSV with a `prompt_en` or `prompt` column (duplicates dropped,
+    first occurrence order kept: VideoAlign's evaluation CSVs repeat a prompt per compared pair)."""
+    from video_branch.data import PromptFileError, read_prompts
+
+    p = Path(path)
+    if p.suffix.lower() != ".csv":
+        try:
+            return read_prompts(p, key="--prompts")
+        except PromptFileError as err:
+            raise UserError(str(err)) from err
+    rows = read_csv(p, "--prompts")
+    column = next((c for c in ("prompt_en", "prompt") if c in rows[0]), None)
+    if column is None:
+        raise UserError(f"--prompts {p}: a CSV needs a 'prompt_en' or 'prompt' column, found {list(rows[0])}")
+    prompts = list(dict.fromkeys(r[column].strip() for r in rows if (r.get(column) or "").strip()))
+    if not prompts:
+        raise UserError(f"--prompts {p}: column '{column}' holds no prompts")
+    return prompts
+
+
+def read_csv(path: Path, option: str) -> List[Dict[str, str]]:
+    if not path.is_file():
+        raise UserError(f"{option} {path}: no such file")
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as f:
+            rows = list(csv.DictReader(f))
+    except (OSError, UnicodeDecodeError, csv.Error) as err:
+        raise UserError(f"{option} {path}: cannot be read as CSV: {err}") from err
+    if not rows:
+        raise UserError(f"{option} {path}: no rows")
+    return rows
+
+
+# ------------------------------------------------------------------------------------------------------ records
+def read_jsonl(path: Path) -> List[dict]:
+    """Rows of a JSON-lines file; a torn last line (an interrupted write) is dropped."""
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if not line:
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows
+
+
+def append_jsonl(path: Path, rows: List[dict]) -> None:
+    with path.open("a") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+        f.flush()
+
+
+def _finite(v):
+    return v if isinstance(v, (int, float)) and math.isfinite(v) else None
+
+
+def _fmt(v, digits=3) -> str:
+    return "n/a" if v is None or not math.isfinite(v) else f"{v:.{digits}f}"
+
+
+def metric_keys(rows: List[dict]) -> List[str]:
+    """Numeric score keys of the rows: the main ones first, then the others in first-seen order."""
+    skip = {"prompt_index", "clip", "seed"}
+    seen = list(dict.fromkeys(k for r in rows for k, v in r.items()
+                              if k not in skip and (isinstance(v, (int, float)) or v is None)
+                              and not isinstance(v, bool)))
+    return [k for k in MAIN_KEYS if k in seen] + [k for k in seen if k not in MAIN_KEYS]
+
+
+def summarise(rows: List[dict], baseline_rows: Optional[List[dict]] = None) -> dict:
+    keys = metric_keys(rows)
+    summary = {"n_clips": len(rows),
+               "metrics": {k: mean_ci([r[k] if r.get(k) is not None else float("nan") for r in rows]) for k in keys}}
+    if baseline_rows is not None:
+        base = {(r["prompt"], r["seed"]): r for r in baseline_rows}
+        pairs = [(r, base[(r["prompt"], r["seed"])]) for r in rows if (r["prompt"], r["seed"]) in base]
+        nan = float("nan")
+        summary["baseline"] = {
+            "n_pairs": len(pairs),
+            "metrics": {k: paired_difference([o.get(k) if o.get(k) is not None else nan for o, _ in pairs],
+                                             [b.get(k) if b.get(k) is not None else nan for _, b in pairs])
+                        for k in keys if any(k in b for _, b in pairs)},
+        }
+    return summary
+
+
+def markdown_table(summary: dict, title: str) -> str:
+    has_base = "baseline" in summary
+    head = "| metric | mean | 95% CI | n |"
+    rule = "|---|---:|---:|---:|"
+    if has_base:
+        head += " Δ vs baseline | 95% CI | win | tie | loss |"
+        rule += "---:|---:|---:|---:|---:|"
+    lines = [f"### {title}", "", f"{summary['n_clips']} clips"
+             + (f", {summary['baseline']['n_pairs']} paired with the baseline" if has_base else ""), "", head, rule]
+    for k, s in summary["metrics"].items():
+        line = f"| {k} | {_fmt(s['mean'])} | ± {_fmt(s['ci95'])} | {s['n']} |"
+        if has_base:
+            d = summary["baseline"]["metrics"].get(k)
+            if d is None:
+                line += " | | | | |"
+            else:
+                line += (f" {d['mean_diff']:+.3f} | ± {_fmt(d['ci95'])} | {_pct(d['win_rate'])} | "
+                         f"{_pct(d['tie_rate'])} | {_pct(d['loss_rate'])} |")
+        lines.append(line)
+    return "\n".join(lines) + "\n"
+
+
+def _pct(v) -> str:
+    return "n/a" if v is None or not math.isfinite(v) else f"{100 * v:.0f}%"
+
+
+def write_json(path: Path, obj) -> None:
+    def clean(o):
+        if isinstance(o, float) and not math.isfinite(o):
+            return None
+        if isinstance(o, dict):
+            return {k: clean(v) for k, v in o.items()}
+        if isinstance(o, (list, tuple)):
+            return [clean(v) for v in o]
+        return o
+
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(clean(obj), indent=2) + "\n")
+    tmp.replace(path)
+
+
+# ------------------------------------------------------------------------------------------------------ scoring
+def build_videoalign(args, video_fps: float):
+    import reward_models
+
+    options = {}
+    for spec in args.videoalign_option or []:
+        options.update(parse_reward("videoalign:" + spec)[1])
+    options.setdefault("video_fps", video_fps)
+    options.setdefault("device", resolve_device(args.device))
+    if args.videoalign_base:
+        options["base_model"] = args.videoalign_base
+    try:
+        return reward_models.build("videoalign", path=args.videoalign, **options)
+    except (KeyError, TypeError) as err:
+        raise UserError(f"--videoalign-option: {err.args[0] if err.args else err}") from err
+    except FileNotFoundError as err:
+        raise UserError(f"--videoalign {args.videoalign}: {err}") from err
+
+
+def score_videos(frames: List[np.ndarray], prompts: List[str], rewards) -> List[Dict[str, Optional[float]]]:
+    """Score clips one at a time (clips read from files may differ in size) -> one {term: value} per clip."""
+    import torch
+
+    out = []
+    for clip, prompt in zip(frames, prompts):
+        row: Dict[str, Optional[float]] = {}
+        batch = torch.from_numpy(np.ascontiguousarray(clip))[None]
+        for rm in rewards:
+            for k, v in rm(batch, [prompt]).items():
+                row.setdefault(k, _finite(float(v[0])))
+        out.append(row)
+    return out
+
+
+# --------------------------------------------------------------------------------------------- generator mode
+def clip_plan(prompts: List[str], clips: int, seed: int) -> List[dict]:
+    """Every clip to evaluate: id, prompt index, clip index, prompt, seed (= seed + prompt_index * clips + clip)."""
+    return [{"id": f"p{i:05d}_c{c}", "prompt_index": i, "clip": c, "prompt": p, "seed": seed + i * clips + c}
+            for i, p in enumerate(prompts) for c in range(clips)]
+
+
+def check_settings(out: Path, settings: dict) -> None:
+    """Refuse to mix results of different settings in one folder (resuming needs the same ones)."""
+    path = out / "settings.json"
+    if path.is_file():
+        old = json.loads(path.read_text())
+        changed = [k for k in settings if k in old and old[k] != settings[k]]
+        if changed:
+            k = changed[0]
+            raise UserError(f"--out {out} holds an evaluation with other settings ({k}: {old[k]!r} there, "
+                            f"{settings[k]!r} now); use another --out folder or the same settings")
+    write_json(path, settings)
+
+
+def load_baseline(spec: Optional[str]) -> Optional[List[dict]]:
+    if not spec:
+        return None
+    p = Path(spec)
+    if p.is_dir():
+        p = p / "results.jsonl"
+    rows = read_jsonl(p)
+    if not rows:
+        raise UserError(f"--baseline {spec}: no results (expected an evaluation folder or its results.jsonl)")
+    bad = [r for r in rows if "prompt" not in r or "seed" not in r]
+    if bad:
+        raise UserError(f"--baseline {p}: rows need 'prompt' and 'seed' to be paired, got {sorted(bad[0])}")
+    return rows
+
+
+def run_generate(args) -> int:
+    from tqdm import tqdm
+
+    from video_branch.video import VideoReadError, read_video, write_mp4
+
+    out = Path(args.out)
+    prompts = read_prompt_set(args.prompts)
+    if args.num_prompts:
+        prompts = prompts[:args.num_prompts]
+    for name in ("clips_per_prompt", "steps", "batch"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    baseline = load_baseline(args.baseline)
+    source = None
+    if args.model:
+        from video_branch.sampling import resolve_source
+
+        source = resolve_source(args.model)
+    defaults = run_defaults([source] if source is not None else [])
+    num_frames = args.frames or defaults["num_frames"]
+    height, width = args.height or defaults["height"], args.width or defaults["width"]
+    fps = args.fps or defaults["fps"]
+    settings = {"model": str(source.path) + (f"@{source.tag}" if source and source.tag else "") if source else None,
+                "prompts": str(Path(args.prompts).resolve()), "num_prompts": len(prompts),
+                "clips_per_prompt": args.clips_per_prompt, "seed": args.seed, "steps": args.steps,
+                "guidance": args.guidance, "negative_prompt": args.negative_prompt, "shift": args.shift,
+                "frames": num_frames, "height": height, "width": width, "fps": fps,
+                "videoalign": str(Path(args.videoalign).resolve()), "temporal": not args.no_temporal}
+    out.mkdir(parents=True, exist_ok=True)
+    videos = out / "videos"
+    videos.mkdir(exist_ok=True)
+    if source is not None:
+        check_settings(out, settings)
+    results_path = out / "results.jsonl"
+    done = {r["id"] for r in read_jsonl(results_path) if "id" in r}
+    todo = [c for c in clip_plan(prompts, args.clips_per_prompt, args.seed) if c["id"] not in done]
+    print(f"{len(done)} clips already scored, {len(todo)} to do", file=sys.stderr)
+    skipped: List[dict] = []
+
+    if todo:
+        import reward_models
+
+        quiet_libraries()
+        rewards = [build_videoalign(args, fps)]
+        if not args.no_temporal:
+            rewards.append(reward_models.build("temporal_consistency"))
+        models = None
+        with tqdm(total=len(todo), desc="evaluate", unit="clip", disable=args.quiet, file=sys.stderr) as bar:
+            for start in range(0, len(todo), args.batch):
+                chunk = todo[start:start + args.batch]
+                ready, frames, missing = [], [], []
+                for c in chunk:
+                    path = videos / f"{c['id']}.mp4"
+                    try:
+                        frames.append(read_video(path))
+                        ready.append(c)
+                    except VideoReadError as err:
+                        if path.exists() or source is None:
+                            tqdm.write(f"warning: {err}" + ("; regenerating" if source is not None else
+                                                             "; skipped"), file=sys.stderr)
+                        if source is None:
+                            skipped.append({"id": c["id"], "video": str(path), "reason": str(err)})
+                        else:
+                            missing.append(c)
+                if missing:
+                    if models is None:
+                        from video_branch.sampling import load_source
+
+                        models = load_source(source, dtype=args.dtype, device=resolve_device(args.device))
+                    from video_branch.sampling import generate
+
+                    clips = generate(models, [c["prompt"] for c in missing], [c["seed"] for c in missing],
+                                     num_steps=args.steps, guidance_scale=args.guidance, shift=args.shift,
+                                     num_frames=num_frames, height=height, width=width,
+                                     negative_prompt=args.negative_prompt, frontier_batch=args.batch)
+                    for c, clip in zip(missing, clips.numpy()):
+                        path = write_mp4(videos / f"{c['id']}.mp4", clip, fps=fps)
+                        # Score what was written: fresh and resumed clips are then scored alike.
+                        frames.append(read_video(path))
+                        ready.append(c)
+                scores = score_videos(frames, [c["prompt"] for c in ready], rewards)
+                rows = [{**c, "video": str(Path("videos") / f"{c['id']}.mp4"), **s} for c, s in zip(ready, scores)]
+                append_jsonl(results_path, rows)
+                bar.update(len(chunk))
+
+    rows = read_jsonl(results_path)
+    if not rows:
+        raise UserError(f"no clip could be scored (see the warnings above); {results_path} is empty")
+    summary = summarise(rows, baseline)
+    summary["settings"] = settings
+    summary["skipped"] = skipped
+    if baseline is not None:
+        summary["baseline"]["path"] = str(args.baseline)
+    write_json(out / "summary.json", summary)
+    title = f"Generator evaluation: {source.name if source else out.name}"
+    (out / "summary.md").write_text(markdown_table(summary, title))
+    print((out / "summary.md").read_text())
+    if skipped:
+        print(f"{len(skipped)} clip(s) skipped: missing or corrupt videos", file=sys.stderr)
+    return 0
+
+
+# ------------------------------------------------------------------------------------------- rewardbench mode
+def bench_pairs(rows: List[Dict[str, str]], csv_path: Path) -> List[dict]:
+    """Validate the rows of a VideoGen-RewardBench CSV -> pairs with labels +1 / -1 / 0 per dimension."""
+    need = ["path_A", "path_B", "prompt", *VIDEOALIGN_KEYS]
+    missing = [c for c in need if c not in rows[0]]
+    if missing:
+        raise UserError(f"--csv {csv_path}: missing column(s) {missing}; a VideoGen-RewardBench CSV has path_A, "
+                        "path_B, prompt, fps_A, fps_B, num_frames_A, num_frames_B, VQ, MQ, TA, Overall")
+    pairs = []
+    for i, r in enumerate(rows, start=2):  # line 1 is the header
+        labels = {}
+        for k in VIDEOALIGN_KEYS:
+            v = (r[k] or "").strip()
+            if v not in LABELS:
+                raise UserError(f"--csv {csv_path} line {i}: column {k} must be A, B or same, got {v!r}")
+            labels[k] = LABELS[v]
+        fps = {}
+        for side in "AB":
+            raw = (r.get(f"fps_{side}") or "").strip()
+            try:
+                fps[side] = float(raw) if raw else None
+            except ValueError:
+                raise UserError(f"--csv {csv_path} line {i}: fps_{side} must be a number, got {raw!r}") from None
+        pairs.append({"line": i, "A": r["path_A"], "B": r["path_B"], "prompt": r["prompt"], "fps": fps,
+                      "labels": labels})
+    return pairs
+
+
+def bench_accuracy(pairs: List[dict], scores: Dict[str, dict]) -> dict:
+    """Per dimension: accuracy without and with ties over the pairs whose two videos were both scored."""
+    out = {}
+    for k in VIDEOALIGN_KEYS:
+        h, d = [], []
+        for p in pairs:
+            a = scores.get((p["A"], p["prompt"]), {}).get(k)
+            b = scores.get((p["B"], p["prompt"]), {}).get(k)
+            if a is None or b is None:
+                continue
+            h.append(p["labels"][k])
+            d.append(a - b)
+        acc_eq, eps = accuracy_with_ties(h, d)
+        out[k] = {"accuracy_without_ties": accuracy_without_ties(h, d), "accuracy_with_ties": acc_eq,
+                  "tie_threshold": eps, "n_pairs": len(h), "n_pairs_without_ties": int(sum(x != 0 for x in h))}
+    return out
+
+
+def run_rewardbench(args) -> int:
+    from tqdm import tqdm
+
+    from video_branch.video import VideoReadError, read_video
+
+    csv_path = Path(args.csv)
+    pairs = bench_pairs(read_csv(csv_path, "--csv"), csv_path)
+    root = Path(args.videos_root) if args.videos_root else csv_path.parent
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    cache_path = out / "scores.jsonl"
+    # Keyed by (path, prompt): text alignment depends on the prompt a video is judged against.
+    scores = {(r["path"], r["prompt"]): r for r in read_jsonl(cache_path) if "path" in r and "prompt" in r}
+    videos: Dict[Tuple[str, str], Optional[float]] = {}
+    for p in pairs:
+        for side in "AB":
+            videos.setdefault((p[side], p["prompt"]), p["fps"][side])
+    todo = [v for v in videos if v not in scores]
+    print(f"{len(videos) - len(todo)} videos already scored, {len(todo)} to do", file=sys.stderr)
+    failed = {}
+    if todo:
+        if not args.videoalign:
+            raise UserError(f"{len(todo)} videos have no scores in {cache_path}: give --videoalign PATH to score them")
+        quiet_libraries()
+        rm = build_videoalign(args, 16.0)
+        default_fps = rm.video_fps
+        for key in tqdm(todo, desc="score", unit="video", disable=args.quiet, file=sys.stderr):
+            path, prompt = key
+            fps = videos[key]
+            file = Path(path) if Path(path).is_absolute() else root / path
+            if path in failed:
+                continue
+            try:
+                frames = read_video(file)
+            except VideoReadError as err:
+                tqdm.write(f"warning: {err}; its pairs are skipped", file=sys.stderr)
+                failed[path] = str(err)
+                continue
+            import torch
+
+            rm.video_fps = fps or default_fps  # the clip's own frame rate decides how many frames are sampled
+            s = rm(torch.from_numpy(frames)[None], [prompt])
+            row = {"path": path, "prompt": prompt, **{k: _finite(float(s[k][0])) for k in VIDEOALIGN_KEYS}}
+            append_jsonl(cache_path, [row])
+            scores[key] = row
+    results = bench_accuracy(pairs, scores)
+    skipped = sum(1 for p in pairs if (p["A"], p["prompt"]) not in scores or (p["B"], p["prompt"]) not in scores)
+    summary = {"csv": str(csv_path), "n_pairs": len(pairs), "skipped_pairs": skipped, "failed_videos": failed,
+               "dimensions": results}
+    write_json(out / "rewardbench.json", summary)
+    lines = ["### VideoGen-RewardBench", "", f"{len(pairs) - skipped} of {len(pairs)} pairs scored", "",
+             "| dimension | accuracy w/o ties | accuracy with ties | tie threshold | pairs (w/o ties) |",
+             "|---|---:|---:|---:|---:|"]
+    for k, r in results.items():
+        lines.append(f"| {k} | {_pct1(r['accuracy_without_ties'])} | {_pct1(r['accuracy_with_ties'])} | "
+                     f"{_fmt(r['tie_threshold'], 4) if math.isfinite(r['tie_threshold']) else 'none'} | "
+                     f"{r['n_pairs']} ({r['n_pairs_without_ties']}) |")
+    (out / "rewardbench.md").write_text("\n".join(lines) + "\n")
+    print((out / "rewardbench.md").read_text())
+    return 0
+
+
+def _pct1(v) -> str:
+    return "n/a" if v is None or not math.isfinite(v) else f"{100 * v:.1f}%"
+
+
+# ---------------------------------------------------------------------------------------------------------- CLI
+def build_parser() -> argparse.ArgumentParser:
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+    p = argparse.ArgumentParser(prog="eval_videoalign.py", formatter_class=fmt,
+                                description="Evaluate a generator with VideoAlign (generate) or VideoAlign on "
+                                            "VideoGen-RewardBench (rewardbench).")
+    sub = p.add_subparsers(dest="mode", required=True)
+
+    def videoalign_options(q, required):
+        q.add_argument("--videoalign", required=required, metavar="DIR",
+                       help="VideoAlign checkpoint directory (model_config.json + checkpoint-*)")
+        q.add_argument("--videoalign-base", metavar="DIR", help="local Qwen2-VL base model (default: the one the "
+                                                                 "checkpoint's model_config.json names)")
+        q.add_argument("--videoalign-option", action="append", metavar="KEY=VALUE",
+                       help="more VideoAlign options, e.g. dtype=bfloat16, batch_size=4, max_pixels=200704")
+        q.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
+        q.add_argument("--quiet", action="store_true", help="no progress bar")
+        q.add_argument("--debug", action="store_true", help="show tracebacks")
+
+    g = sub.add_parser("generate", formatter_class=fmt, help="generate clips for a prompt set and score them")
+    g.add_argument("--model", "-m", metavar="[NAME=]PATH",
+                   help="diffusers Wan directory, run directory or checkpoint (omit to score OUT/videos as they are)")
+    g.add_argument("--prompts", required=True, metavar="FILE",
+                   help="TXT (one prompt per line) or CSV with a prompt_en or prompt column")
+    g.add_argument("--num-prompts", type=int, default=0, help="use the first N prompts (0: all)")
+    g.add_argument("--clips-per-prompt", type=int, default=1, help="clips (seeds) per prompt")
+    g.add_argument("--seed", type=int, default=0, help="clip k of prompt i uses seed + i * clips_per_prompt + k")
+    g.add_argument("--steps", type=int, default=20, help="ODE denoising steps")
+    g.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale (1: none)")
+    g.add_argument("--negative-prompt", default="", help="negative prompt of CFG")
+    g.add_argument("--shift", type=float, default=3.0, help="flow shift")
+    g.add_argument("--frames", type=int, help="frames per clip, 4k+1 (default: run config, else 9)")
+    g.add_argument("--height", type=int, help="clip height (default: run config, else 64)")
+    g.add_argument("--width", type=int, help="clip width (default: run config, else 64)")
+    g.add_argument("--fps", type=float, help="frame rate written and given to VideoAlign (default: run config, "
+                                             "else 8)")
+    g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="model dtype")
+    g.add_argument("--batch", type=int, default=8, help="clips generated and scored per step")
+    g.add_argument("--no-temporal", action="store_true", help="skip the temporal-consistency reward")
+    g.add_argument("--baseline", metavar="PATH", help="an earlier evaluation folder (or its results.jsonl) with the "
+                                                     "same prompts and seeds: adds paired differences")
+    g.add_argument("--out", "-o", required=True, help="output folder")
+    videoalign_options(g, required=True)
+
+    r = sub.add_parser("rewardbench", formatter_class=fmt, help="pairwise accuracy of VideoAlign on a "
+                                                               "VideoGen-RewardBench CSV")
+    r.add_argument("--csv", required=True, help="VideoGen-RewardBench CSV")
+    r.add_argument("--videos-root", help="folder the CSV's relative video paths start from (default: the CSV's)")
+    r.add_argument("--out", "-o", required=True, help="output folder (scores.jsonl cache, rewardbench.json / .md)")
+    videoalign_options(r, required=False)
+    return p
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return run_generate(args) if args.mode == "generate" else run_rewardbench(args)
+    except (UserError, FileNotFoundError, ValueError) as err:
+        if args.debug:
+            raise
+        print(f"eval_videoalign.py: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
