@@ -39,7 +39,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from render_compare import UserError, parse_reward, quiet_libraries, resolve_device, run_defaults  # noqa: E402
+from render_compare import (  # noqa: E402
+    HelpFormatter, UserError, parse_reward, quiet_libraries, resolve_device, run_defaults)
 
 VIDEOALIGN_KEYS = ("VQ", "MQ", "TA", "Overall")
 MAIN_KEYS = (*VIDEOALIGN_KEYS, "temporal_consistency")
@@ -531,7 +532,7 @@ def _pct1(v) -> str:
 
 # ---------------------------------------------------------------------------------------------------------- CLI
 def build_parser() -> argparse.ArgumentParser:
-    fmt = argparse.ArgumentDefaultsHelpFormatter
+    fmt = HelpFormatter
     p = argparse.ArgumentParser(prog="eval_videoalign.py", formatter_class=fmt,
                                 description="Evaluate a generator with VideoAlign (generate) or VideoAlign on "
                                             "VideoGen-RewardBench (rewardbench).")

@@ -21,7 +21,9 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from render_compare import HelpFormatter  # noqa: E402
 
 
 class UserError(Exception):
@@ -138,7 +140,7 @@ def plot(runs: List[Path], metrics: List[str], labels: Optional[List[str]] = Non
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="plot_runs.py", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    p = argparse.ArgumentParser(prog="plot_runs.py", formatter_class=HelpFormatter,
                                 description="Plot reward curves of runs against iteration and wall-clock time.")
     p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories (each with metrics.jsonl)")
     p.add_argument("--metric", action="append", metavar="KEY",

@@ -39,6 +39,18 @@ class UserError(Exception):
     """A bad option or input file: reported in one line, without a traceback."""
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows a default only when there is one and the help text does not already describe it."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        default = action.default
+        if "default" in text or default is None or default is False or default == [] or default == "" \
+                or default is argparse.SUPPRESS:
+            return text
+        return super()._get_help_string(action)
+
+
 # ------------------------------------------------------------------------------------------------------ options
 def parse_reward(spec: str):
     """``name`` or ``name:key=value,key=value`` -> (name, options); values are parsed as YAML scalars."""
@@ -297,7 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="render_compare.py",
         description="Render the same prompts with the same seeds from two or more models, side by side, into an "
                     "H.264 mp4 and a PNG contact sheet.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=HelpFormatter)
     p.add_argument("--model", "-m", action="append", required=True, metavar="[NAME=]PATH",
                    help="a model: diffusers Wan directory, run directory (final/ or newest checkpoint), or a run's "
                         "checkpoints/<tag>; repeat for each column. NAME labels the column")
