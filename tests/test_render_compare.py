@@ -89,6 +89,18 @@ def test_size_and_seed_errors_name_the_option(models):
         generate(m, PROMPTS, [0], num_steps=2, **SIZE)
 
 
+def test_latent_shape_follows_the_vae_compression_factors():
+    from types import SimpleNamespace
+
+    wan21 = SimpleNamespace(config=SimpleNamespace(z_dim=16, temperal_downsample=[False, True, True]))
+    assert latent_shape_for(wan21, 81, 480, 832) == (16, 21, 60, 104)
+    # scale_factor_* (what WanPipeline reads) wins, e.g. a VAE compressing 16x in space.
+    wide = SimpleNamespace(config=SimpleNamespace(z_dim=48, scale_factor_temporal=4, scale_factor_spatial=16))
+    assert latent_shape_for(wide, 9, 64, 96) == (48, 3, 4, 6)
+    with pytest.raises(ValueError, match="width=48: must be a multiple of 32"):
+        latent_shape_for(wide, 9, 64, 48)
+
+
 def test_model_sources_resolve_and_name_themselves(models, tmp_path):
     assert resolve_source(str(models["base"])).name == "base"
     src = resolve_source(f"mine={models['other']}")

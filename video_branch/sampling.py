@@ -23,12 +23,17 @@ PATCH = 2  # Wan's spatial patch size: latent height and width must be even
 
 
 def compression(vae) -> Tuple[int, int]:
-    """(temporal, spatial) compression factors of a Wan-interface VAE, from its config."""
+    """(temporal, spatial) compression factors of a Wan-interface VAE, from its config.
+
+    ``scale_factor_temporal`` / ``scale_factor_spatial`` (what WanPipeline reads; AutoencoderKLWan and ToyVAE have
+    them), else AutoencoderKLWan's ``temperal_downsample`` (sic), else Wan 2.1's 4 and 8.
+    """
     cfg = vae.config
     tdown = getattr(cfg, "temperal_downsample", None)
     t_factor = 2 ** sum(bool(x) for x in tdown) if tdown is not None else 4
     s_factor = 2 ** len(tdown) if tdown is not None else 8
-    return int(getattr(cfg, "temporal_compression", t_factor)), int(getattr(cfg, "spatial_compression", s_factor))
+    return (int(getattr(cfg, "scale_factor_temporal", None) or t_factor),
+            int(getattr(cfg, "scale_factor_spatial", None) or s_factor))
 
 
 def latent_shape_for(vae, num_frames: int, height: int, width: int) -> Tuple[int, int, int, int]:
