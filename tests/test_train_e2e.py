@@ -218,3 +218,21 @@ def test_bad_inputs_stop_with_a_clear_message(tiny_setup, tmp_path, broken, need
     assert r.returncode != 0
     assert needle in r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_sequence_parallel_run_matches_single_rank_rewards(tiny_setup, tmp_path):
+    """sp_size 2 on 2 ranks is one data-parallel member: its first iteration equals a single-rank run's."""
+    d, cfg = tiny_setup
+    sp2, sp1 = tmp_path / "sp2", tmp_path / "sp1"
+    r = launch(cfg, f"train.run_dir={sp2}", "parallel.sp_size=2", "train.dump_trees=true", "train.checkpoint_every=0")
+    assert "2 sequence-parallel (Ulysses on)" in r.stdout
+    launch(cfg, f"train.run_dir={sp1}", "train.dump_trees=true", "train.iterations=1", "train.checkpoint_every=0",
+           ranks=1)
+    a = np.load(sp2 / "trees" / "iter_000000_rank0.npz")
+    b = np.load(sp2 / "trees" / "iter_000000_rank1.npz")
+    c = np.load(sp1 / "trees" / "iter_000000_rank0.npz")
+    leaves = a["depth"] == 20
+    np.testing.assert_array_equal(a["leaf_reward"], b["leaf_reward"])  # rewards computed once, shared in the group
+    np.testing.assert_allclose(a["leaf_reward"][leaves], c["leaf_reward"][leaves], atol=1e-4)
+    np.testing.assert_allclose(a["logp"][1:], c["logp"][1:], atol=1e-4)
+    assert [row["iteration"] for row in metrics(sp2)] == [0, 1]

@@ -56,7 +56,7 @@ def heldout_scores(trainer, iteration: int) -> Dict[str, np.ndarray]:
     module.train()
     leaves = res.tree.leaves()
     tree_of_leaf = res.tree.tree[leaves]
-    scores = trainer.reward(frames, [local_prompts[t] for t in tree_of_leaf])
+    scores = trainer._sp_shared(lambda: trainer.reward(frames, [local_prompts[t] for t in tree_of_leaf]))
     keep = np.array([mine[t] >= 0 for t in tree_of_leaf])
     local = {k: v.detach().cpu().numpy()[keep] for k, v in scores.items()}
     if d.world_size == 1:

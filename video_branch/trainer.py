@@ -90,6 +90,12 @@ class Trainer:
         self.logger = RunLogger(self.run_dir, enabled=self.dist.is_main, tensorboard=cfg.logging.tensorboard,
                                 plot_every=cfg.logging.plot_every)
         self.start_iteration = 0
+        if self.dist.is_main:
+            d = self.dist
+            print(f"video_branch: method {cfg.method}, world {d.world_size} = {d.dp_size} data-parallel x "
+                  f"{d.sp_size} sequence-parallel (Ulysses {'on' if self.sp.active else 'off'}), ZeRO stage "
+                  f"{cfg.parallel.zero_stage}, {self.edges_per_iteration} trained edges in {self.n_micro} micro-batches "
+                  f"per update, device {d.device}", flush=True)
 
     # ------------------------------------------------------------------------------------------------ set-up
     def _build_models(self) -> None:
@@ -151,6 +157,13 @@ class Trainer:
             dist_init_required=False,
         )
         self.objective = get_objective(cfg.objective.name)
+        # Sequence parallelism goes on after every deepcopy of the transformer (its hooks hold process groups).
+        from .parallel.ulysses import enable_sequence_parallel
+
+        self.sp = enable_sequence_parallel(self.engine.module, self.dist.sp_group)
+        for extra in (self.policy_copy, self.reference):
+            if extra is not None:
+                enable_sequence_parallel(extra, self.dist.sp_group)
 
     # ------------------------------------------------------------------------------------------------ policy calls
     def rollout_module(self):
@@ -213,7 +226,7 @@ class Trainer:
             frames = decode_to_frames(self.models.vae, lat.to(self.dist.device),
                                       batch_size=self.cfg.rollout.decode_batch).cpu()
         prompts = [res.prompts[t] for t in tree.tree[leaves]]
-        scores = self.reward(frames, prompts)
+        scores = self._sp_shared(lambda: {k: v.detach().cpu() for k, v in self.reward(frames, prompts).items()})
         res.frames = frames
         return {k: leaf_vector(tree, leaves, v.detach().cpu().numpy()) for k, v in scores.items()}
 
@@ -260,7 +273,9 @@ class Trainer:
                     ratio_dev_first = dev
                 ratio_dev_all = max(ratio_dev_all, dev)
                 # Weight each micro-batch by its share of edges; DeepSpeed divides by the accumulation steps.
-                loss = out.loss * (len(ids) * self.n_micro / edges.size)
+                # SP ranks hold token shards of the same samples: DeepSpeed's mean over all ranks times sp_size is
+                # the mean over data-parallel members of the full gradient.
+                loss = out.loss * (len(ids) * self.n_micro / edges.size) * self.sp.loss_scale
                 if not torch.isfinite(loss):
                     skipped += 1
                     loss = loss.nan_to_num(0.0, 0.0, 0.0) * 0.0  # keep the collective call sequence identical
@@ -291,6 +306,16 @@ class Trainer:
         out = velocity(module, torch.cat([x, x]), torch.cat([t, t]), torch.cat([neg, emb]))
         vu, vc = out.chunk(2)
         return cfg_combine(vu, vc, w)
+
+    def _sp_shared(self, fn):
+        """Run ``fn`` on the first rank of the sequence-parallel group and share its result with the group
+        (the ranks of a group hold identical samples, so rewards are computed once)."""
+        d = self.dist
+        if d.sp_size == 1:
+            return fn()
+        box = [fn() if d.sp_rank == 0 else None]
+        dist.broadcast_object_list(box, src=d.rank - d.sp_rank, group=d.sp_group)
+        return box[0]
 
     # ------------------------------------------------------------------------------------------------ lockstep
     def _check_lockstep(self, iteration: int) -> None:
@@ -412,7 +437,7 @@ class Trainer:
             local[f"reward/{k}"] = float(np.nanmean(vals)) if np.isfinite(vals).any() else float("nan")
         local.update(train_stats)
         row = {"iteration": it, **self._all_mean(local)}
-        row["invalid_leaves"] = row["invalid_leaves"] * d.world_size  # a sum over ranks, not a mean
+        row["invalid_leaves"] = row["invalid_leaves"] * d.dp_size  # a sum over data-parallel members, not a mean
         row.update(rollout_s=t1 - t0, reward_s=t2 - t1, train_s=t3 - t2, iter_s=time.perf_counter() - t0,
                    forward_passes=self._stats.forward_passes, trained_edges=self._stats.trained_edges,
                    lr=float(self.engine.get_lr()[0]))
