@@ -151,9 +151,15 @@ class ComposedReward:
         if frames.shape[0] != len(prompts):
             raise ValueError(f"ComposedReward: {frames.shape[0]} clips but {len(prompts)} prompts")
         result: Dict[str, torch.Tensor] = {}
+        done: Dict[int, Tuple[str, Dict[str, torch.Tensor]]] = {}  # one call per model shared by components
         for name, rm in self.rewards.items():
             start = time.perf_counter()
-            out = self._run_one(name, rm, frames, list(prompts))
+            if id(rm) in done:
+                first, out = done[id(rm)]
+                self.last_failures[name] = self.last_failures[first]
+            else:
+                out = self._run_one(name, rm, frames, list(prompts))
+                done[id(rm)] = (name, out)
             self.last_times[name] = time.perf_counter() - start
             keys = list(out)
             if len(self.last_failures[name]) < frames.shape[0]:
@@ -178,6 +184,7 @@ def build_from_config(components: Mapping[str, Mapping], retries: int = 1) -> Co
     if not isinstance(components, Mapping) or not components:
         raise ValueError(f"reward config must be a non-empty mapping of name -> options, got {components!r}")
     built = {}
+    instances: Dict[str, Callable] = {}  # components with the same reward and options share one model
     for name, cfg in components.items():
         if not isinstance(cfg, Mapping):
             raise ValueError(f"reward '{name}': config must be a mapping with at least 'weight', got {cfg!r}")
@@ -189,8 +196,10 @@ def build_from_config(components: Mapping[str, Mapping], retries: int = 1) -> Co
             raise ValueError(f"reward '{name}': 'weight' must be a finite number, got {weight!r}")
         reg_name = opts.pop("reward", name)
         key = opts.pop("key", None)
+        ident = f"{reg_name}|{sorted(opts.items())!r}"
         try:
-            rm = build(reg_name, **opts)
+            rm = instances[ident] if ident in instances else build(reg_name, **opts)
+            instances[ident] = rm
         except (TypeError, ValueError, KeyError, FileNotFoundError) as e:
             msg = e.args[0] if e.args else str(e)
             prefix = f"reward '{name}'" + (f" (registry name '{reg_name}')" if reg_name != name else "")

@@ -102,3 +102,15 @@ def test_cli_typo_exits_before_loading_any_model(tmp_path):
     assert r.returncode != 0
     assert "optim.lr_rate" in r.stderr and "optim.lr" in r.stderr
     assert "/nonexistent/model" not in r.stderr
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*/*.yaml")), ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_shipped_configs_resolve(path):
+    cfg = load_config(path)
+    assert cfg.method == path.stem or path.stem == "demo"
+    if path.parent.name.startswith("wan2.1"):
+        heads = 12 if "1.3b" in path.parent.name else 40  # Wan 2.1 1.3B / 14B attention heads
+        assert heads % cfg.parallel.sp_size == 0
+        assert cfg.model.dtype == "bfloat16" and cfg.model.gradient_checkpointing
+        assert cfg.video.height == 480 and cfg.video.num_frames in (33, 81)
+        assert (ROOT / cfg.parallel.ds_config).is_file()

@@ -142,3 +142,32 @@ def test_build_from_config_errors_name_the_reward_and_option():
         build_from_config({"no_such_reward": {"weight": 1.0}})
     with pytest.raises(ValueError, match="'tc'.*weight"):
         build_from_config({"tc": {"weight": "heavy", "reward": "temporal_consistency"}})
+
+
+def test_components_with_the_same_reward_and_options_share_one_model_and_one_call():
+    from reward_models.compose import build_from_config
+    from reward_models.registry import register
+
+    calls = []
+
+    @register("shared_test_reward")
+    class Shared:
+        def __init__(self, scale=1.0):
+            self.scale = scale
+
+        def __call__(self, frames, prompts):
+            calls.append(frames.shape[0])
+            m = frames.float().mean(dim=(1, 2, 3, 4))
+            return {"A": m * self.scale, "B": -m * self.scale}
+
+    rm = build_from_config({
+        "a": {"reward": "shared_test_reward", "key": "A", "weight": 1.0, "scale": 2.0},
+        "b": {"reward": "shared_test_reward", "key": "B", "weight": 0.5, "scale": 2.0},
+        "c": {"reward": "shared_test_reward", "key": "A", "weight": 1.0, "scale": 3.0},
+    })
+    frames = torch.full((2, 3, 4, 4, 3), 10, dtype=torch.uint8)
+    out = rm(frames, ["x", "y"])
+    assert rm.rewards["a"] is rm.rewards["b"] and rm.rewards["c"] is not rm.rewards["a"]
+    assert calls == [2, 2]  # a and b share one call; c has other options
+    assert torch.allclose(out["a"], torch.full((2,), 20.0)) and torch.allclose(out["b"], torch.full((2,), -20.0))
+    assert torch.allclose(out["c"], torch.full((2,), 30.0))
