@@ -13,8 +13,8 @@ import argparse
 import json
 import math
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Dict, List, Sequence
 
 import torch
 
@@ -24,7 +24,7 @@ from .grammar import read_prompt_file
 Z95 = 1.959963984540054
 
 
-def stratified_mean_ci(values: torch.Tensor, groups: Sequence[int]) -> Dict[str, float]:
+def stratified_mean_ci(values: torch.Tensor, groups: Sequence[int]) -> dict[str, float]:
     """values [N], groups N group ids (each with >= 2 members) -> {mean, ci95, se}.
 
     mean is the mean of the group means; se = sqrt(sum_g var_g / n_g) / G with the unbiased within-group variance.
@@ -44,8 +44,8 @@ def stratified_mean_ci(values: torch.Tensor, groups: Sequence[int]) -> Dict[str,
     return {"mean": float(torch.stack(means).mean()), "ci95": Z95 * se, "se": se}
 
 
-def evaluate(pipe, reward, prompts: List[str], clips_per_prompt: int = 8, seed: int = 0,
-             num_inference_steps: int = 20, guidance_scale: float = 4.0) -> Dict[str, Dict[str, float]]:
+def evaluate(pipe, reward, prompts: list[str], clips_per_prompt: int = 8, seed: int = 0,
+             num_inference_steps: int = 20, guidance_scale: float = 4.0) -> dict[str, dict[str, float]]:
     """Generate ``clips_per_prompt`` clips per prompt, score them, and summarise each reward term."""
     flat = [p for p in prompts for _ in range(clips_per_prompt)]
     groups = [i for i in range(len(prompts)) for _ in range(clips_per_prompt)]
@@ -57,15 +57,16 @@ def evaluate(pipe, reward, prompts: List[str], clips_per_prompt: int = 8, seed: 
 
 def load_pipeline(model: str):
     """``WanPipeline.from_pretrained`` on a local directory (importing this package registers ToyVAE first)."""
-    import video_branch.toyworld  # noqa: F401
     from diffusers import WanPipeline
+
+    import video_branch.toyworld  # noqa: F401
 
     if not (Path(model) / "model_index.json").exists():
         raise FileNotFoundError(f"{model} is not a diffusers pipeline directory (no model_index.json)")
     return WanPipeline.from_pretrained(model, local_files_only=True)
 
 
-def main(argv=None) -> Dict[str, Dict[str, float]]:
+def main(argv=None) -> dict[str, dict[str, float]]:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="assets/toy_wan")
     ap.add_argument("--prompts", default="assets/prompts/heldout.txt")

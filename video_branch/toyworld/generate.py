@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from typing import List, Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from diffusers.pipelines.wan.pipeline_wan import prompt_clean
 
 
-def prompt_embeddings(tokenizer, text_encoder, prompts: List[str], max_sequence_length: int = 512) -> torch.Tensor:
+def prompt_embeddings(tokenizer, text_encoder, prompts: list[str], max_sequence_length: int = 512) -> torch.Tensor:
     """[B, L, D] embeddings equal to WanPipeline's (trimmed to each prompt's tokens, zero-padded to L), with grad.
 
     Tokenising to the longest prompt instead of L is exact: UMT5's attention masks the padding and its position bias

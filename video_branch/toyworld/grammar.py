@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import random
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Dict, List, Sequence, Tuple
 
 # Saturated, well separated colours: the reward tells them apart after VAE decoding blurs them.
-COLOURS: Dict[str, Tuple[int, int, int]] = {
+COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (220, 40, 40),
     "green": (40, 190, 60),
     "blue": (40, 80, 230),
@@ -21,10 +21,10 @@ COLOURS: Dict[str, Tuple[int, int, int]] = {
     "cyan": (40, 210, 220),
     "magenta": (210, 50, 200),
 }
-SHAPES: Tuple[str, ...] = ("circle", "square", "triangle")
+SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
 # Unit motion in image coordinates (x to the right, y downwards).
-DIRECTIONS: Dict[str, Tuple[int, int]] = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
-BACKGROUND: Tuple[int, int, int] = (128, 128, 128)
+DIRECTIONS: dict[str, tuple[int, int]] = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
+BACKGROUND: tuple[int, int, int] = (128, 128, 128)
 SPLIT_SEED = 10
 
 _PROMPT_RE = re.compile(r"^\s*an?\s+(\w+)\s+(\w+)\s+moving\s+(\w+)\s*\.?\s*$", re.IGNORECASE)
@@ -56,11 +56,11 @@ def parse_prompt(text: str) -> Prompt:
     return Prompt(colour, shape, direction)
 
 
-def all_prompts() -> List[Prompt]:
+def all_prompts() -> list[Prompt]:
     return [Prompt(c, s, d) for c in COLOURS for s in SHAPES for d in DIRECTIONS]
 
 
-def split_prompts(seed: int = SPLIT_SEED) -> Tuple[List[Prompt], List[Prompt]]:
+def split_prompts(seed: int = SPLIT_SEED) -> tuple[list[Prompt], list[Prompt]]:
     """(train, heldout): one held-out colour per (shape, direction) pair, each colour held out exactly twice.
 
     So the held-out set has 12 of the 72 combinations; every colour, shape and direction word and every pair of
@@ -75,7 +75,7 @@ def split_prompts(seed: int = SPLIT_SEED) -> Tuple[List[Prompt], List[Prompt]]:
     return train, heldout
 
 
-def vocabulary() -> List[str]:
+def vocabulary() -> list[str]:
     """Every word the grammar can produce, in a fixed order (for the offline word-level tokenizer)."""
     return ["a", "an", "moving", *COLOURS, *SHAPES, *DIRECTIONS]
 
@@ -87,7 +87,7 @@ def write_prompt_files(train_path, heldout_path, seed: int = SPLIT_SEED) -> None
             f.write("".join(p.text + "\n" for p in prompts))
 
 
-def read_prompt_file(path) -> List[str]:
+def read_prompt_file(path) -> list[str]:
     with open(path) as f:
         lines = [ln.strip() for ln in f]
     prompts = [ln for ln in lines if ln and not ln.startswith("#")]
@@ -96,8 +96,8 @@ def read_prompt_file(path) -> List[str]:
     return prompts
 
 
-def word_counts(prompts: Sequence[Prompt]) -> Dict[str, int]:
-    counts: Dict[str, int] = {}
+def word_counts(prompts: Sequence[Prompt]) -> dict[str, int]:
+    counts: dict[str, int] = {}
     for p in prompts:
         for w in (p.colour, p.shape, p.direction):
             counts[w] = counts.get(w, 0) + 1

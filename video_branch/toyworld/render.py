@@ -6,8 +6,8 @@ anti-aliased by 4x4 supersampling so that the VAE sees smooth, learnable boundar
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import List, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -85,7 +85,7 @@ def background_image(size: int, texture: str, rng: np.random.Generator) -> np.nd
 
 
 def render_clip(
-    prompt: Union[str, Prompt], seed: int, num_frames: int = 9, size: int = 64, background: str = "plain"
+    prompt: str | Prompt, seed: int, num_frames: int = 9, size: int = 64, background: str = "plain"
 ) -> np.ndarray:
     """One clip, uint8 [T, H, W, 3], deterministic from (prompt, seed, num_frames, size, background)."""
     clip, _ = render_clip_with_params(prompt, seed, num_frames, size, background)
@@ -93,8 +93,8 @@ def render_clip(
 
 
 def render_clip_with_params(
-    prompt: Union[str, Prompt], seed: int, num_frames: int = 9, size: int = 64, background: str = "plain"
-) -> Tuple[np.ndarray, ClipParams]:
+    prompt: str | Prompt, seed: int, num_frames: int = 9, size: int = 64, background: str = "plain"
+) -> tuple[np.ndarray, ClipParams]:
     if isinstance(prompt, str):
         prompt = parse_prompt(prompt)
     if num_frames < 1:
@@ -113,7 +113,7 @@ def render_clip_with_params(
 
 
 def render_batch(
-    prompts: Sequence[Union[str, Prompt]], seeds: Sequence[int], num_frames: int = 9, size: int = 64,
+    prompts: Sequence[str | Prompt], seeds: Sequence[int], num_frames: int = 9, size: int = 64,
     background: str = "plain",
 ) -> np.ndarray:
     """uint8 [B, T, H, W, 3]: ``render_clip`` for each (prompt, seed) pair."""
@@ -122,6 +122,6 @@ def render_batch(
     return np.stack([render_clip(p, int(s), num_frames, size, background) for p, s in zip(prompts, seeds)])
 
 
-def random_prompts(pool: Sequence[Prompt], n: int, seed: int) -> List[Prompt]:
+def random_prompts(pool: Sequence[Prompt], n: int, seed: int) -> list[Prompt]:
     rng = np.random.default_rng(seed)
     return [pool[i] for i in rng.integers(0, len(pool), size=n)]

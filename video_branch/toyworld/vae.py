@@ -10,10 +10,8 @@ background long before the objects (docs/TOYWORLD.md), while this network recons
 
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
-
 import torch
-from diffusers import ModelMixin  # noqa: F401  (diffusers' loader looks the base class up in this module)
+from diffusers import ModelMixin
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.autoencoders.vae import DecoderOutput, DiagonalGaussianDistribution
 from diffusers.models.modeling_outputs import AutoencoderKLOutput
@@ -54,9 +52,9 @@ class ToyVAE(ModelMixin, ConfigMixin):
     def __init__(
         self,
         z_dim: int = 16,
-        channels: Tuple[int, ...] = (64, 96),
-        latents_mean: Optional[List[float]] = None,
-        latents_std: Optional[List[float]] = None,
+        channels: tuple[int, ...] = (64, 96),
+        latents_mean: list[float] | None = None,
+        latents_std: list[float] | None = None,
         scale_factor_temporal: int = 4,
         scale_factor_spatial: int = 8,
     ):
