@@ -52,7 +52,7 @@ def test_mean_ci_and_paired_difference_by_hand():
 
 def _brute_with_ties(h, m):
     best = sum(1 for hi, mi in zip(h, m) if hi * mi > 0)  # no predicted ties
-    for eps in sorted(set(abs(x) for x in m)):
+    for eps in sorted({abs(x) for x in m}):
         ok = sum(1 for hi, mi in zip(h, m) if (abs(mi) <= eps and hi == 0) or (abs(mi) > eps and hi * mi > 0))
         best = max(best, ok)
     return best / len(h)

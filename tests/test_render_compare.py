@@ -18,7 +18,7 @@ from video_branch.sampling import generate, latent_shape_for, load_source, merge
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = ["a red circle moving left", "a blue square moving up"]
-SIZE = dict(num_frames=5, height=32, width=32)
+SIZE = {"num_frames": 5, "height": 32, "width": 32}
 
 
 def _tool(name):
@@ -181,8 +181,8 @@ def test_render_compare_writes_side_by_side_mp4_and_sheet(models, rendered):
 
 
 def _cli(*args):
-    return subprocess.run([sys.executable, str(ROOT / "tools" / "render_compare.py"), *args], capture_output=True,
-                          text=True, cwd=ROOT, timeout=300)
+    cmd = [sys.executable, str(ROOT / "tools" / "render_compare.py"), *args]
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300, check=False)
 
 
 def test_cli_errors_name_the_problem_without_a_traceback(models, tmp_path, capsys):
@@ -238,8 +238,8 @@ def test_checkpoint_source_loads_the_trained_transformer(models, tmp_path):
     script = tmp_path / "make_ckpt.py"
     script.write_text(_MAKE_CHECKPOINT)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "DS_BUILD_OPS": "0"}
-    res = subprocess.run([sys.executable, str(script), str(models["base"]), str(run / "checkpoints"), _free_port()],
-                         capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    cmd = [sys.executable, str(script), str(models["base"]), str(run / "checkpoints"), _free_port()]
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300, check=False)
     if res.returncode != 0 or not (run / "checkpoints" / "expected.pt").is_file():
         pytest.skip(f"could not produce a DeepSpeed checkpoint here: {res.stderr[-500:]}")
     expected = torch.load(run / "checkpoints" / "expected.pt")

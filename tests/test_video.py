@@ -1,6 +1,8 @@
 """mp4 writing (H.264, yuv420p, even sizes) and reading (decord at native size, OpenCV resize, clear errors)."""
 
 import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,8 +19,8 @@ def _levels(t=9, h=32, w=48):
 def _codec(path):
     import imageio_ffmpeg
 
-    out = subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-hide_banner", "-i", str(path)], capture_output=True,
-                         text=True)
+    cmd = [imageio_ffmpeg.get_ffmpeg_exe(), "-hide_banner", "-i", str(path)]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=False)  # ffmpeg -i exits 1 without an output
     return out.stderr
 
 
@@ -81,3 +83,18 @@ def test_write_rejects_bad_frames(tmp_path):
         write_mp4(tmp_path / "f.mp4", np.zeros((16, 16, 3), np.uint8), fps=8)
     with pytest.raises(ValueError, match="fps"):
         write_mp4(tmp_path / "f.mp4", np.zeros((3, 16, 16, 3), np.uint8), fps=0)
+
+
+def test_reading_a_video_keeps_opencv_png_decoding_working(tmp_path):
+    script = (
+        "import numpy as np, sys\n"
+        "from video_branch.video import read_video, write_mp4\n"
+        f"p = write_mp4({str(tmp_path / 'v.mp4')!r}, np.full((5, 32, 32, 3), 99, np.uint8), fps=8)\n"
+        "read_video(p)\n"
+        "import cv2\n"
+        f"cv2.imwrite({str(tmp_path / 'x.png')!r}, np.zeros((8, 8, 3), np.uint8))\n"
+        f"sys.exit(0 if cv2.imread({str(tmp_path / 'x.png')!r}) is not None else 1)\n"
+    )
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=False,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert res.returncode == 0, res.stderr

@@ -31,16 +31,15 @@ import csv
 import json
 import math
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from render_compare import (  # noqa: E402
-    HelpFormatter, UserError, parse_reward, quiet_libraries, resolve_device, run_defaults)
+from render_compare import HelpFormatter, UserError, parse_reward, quiet_libraries, resolve_device, run_defaults
 
 VIDEOALIGN_KEYS = ("VQ", "MQ", "TA", "Overall")
 MAIN_KEYS = (*VIDEOALIGN_KEYS, "temporal_consistency")
@@ -49,7 +48,7 @@ Z95 = 1.959963984540054
 
 
 # -------------------------------------------------------------------------------------------------------- stats
-def mean_ci(values: Sequence[float]) -> Dict[str, float]:
+def mean_ci(values: Sequence[float]) -> dict[str, float]:
     """Mean, sample std, 95% CI half-width (normal approximation) and n of the finite values (CI NaN for n < 2)."""
     x = np.asarray(values, dtype=np.float64)
     x = x[np.isfinite(x)]
@@ -60,7 +59,7 @@ def mean_ci(values: Sequence[float]) -> Dict[str, float]:
     return {"mean": float(x.mean()), "std": std, "ci95": Z95 * std / math.sqrt(n) if n > 1 else float("nan"), "n": n}
 
 
-def paired_difference(ours: Sequence[float], base: Sequence[float]) -> Dict[str, float]:
+def paired_difference(ours: Sequence[float], base: Sequence[float]) -> dict[str, float]:
     """Paired differences ours - base over pairs where both are finite: mean, CI, and win / tie / loss rates."""
     a, b = np.asarray(ours, np.float64), np.asarray(base, np.float64)
     keep = np.isfinite(a) & np.isfinite(b)
@@ -86,7 +85,7 @@ def accuracy_without_ties(human: Sequence[int], diff: Sequence[float]) -> float:
     return float((h[pref] * m[pref] > 0).mean())
 
 
-def accuracy_with_ties(human: Sequence[int], diff: Sequence[float]) -> Tuple[float, float]:
+def accuracy_with_ties(human: Sequence[int], diff: Sequence[float]) -> tuple[float, float]:
     """Tie-calibrated pairwise accuracy (Ties Matter): max over thresholds eps of the share of pairs predicted right,
     where |diff| <= eps predicts a tie and otherwise sign(diff) predicts the preferred side.
 
@@ -114,7 +113,7 @@ def accuracy_with_ties(human: Sequence[int], diff: Sequence[float]) -> Tuple[flo
 
 
 # ------------------------------------------------------------------------------------------------------ prompts
-def read_prompt_set(path: str) -> List[str]:
+def read_prompt_set(path: str) -> list[str]:
     """Prompts from a TXT file (one per line) or a CSV with a `prompt_en` or `prompt` column (duplicates dropped,
     first occurrence order kept: VideoAlign's evaluation CSVs repeat a prompt per compared pair)."""
     from video_branch.data import PromptFileError, read_prompts
@@ -135,7 +134,7 @@ def read_prompt_set(path: str) -> List[str]:
     return prompts
 
 
-def read_csv(path: Path, option: str) -> List[Dict[str, str]]:
+def read_csv(path: Path, option: str) -> list[dict[str, str]]:
     if not path.is_file():
         raise UserError(f"{option} {path}: no such file")
     try:
@@ -149,7 +148,7 @@ def read_csv(path: Path, option: str) -> List[Dict[str, str]]:
 
 
 # ------------------------------------------------------------------------------------------------------ records
-def read_jsonl(path: Path) -> List[dict]:
+def read_jsonl(path: Path) -> list[dict]:
     """Rows of a JSON-lines file; a torn last line (an interrupted write) is dropped."""
     if not path.is_file():
         return []
@@ -165,7 +164,7 @@ def read_jsonl(path: Path) -> List[dict]:
     return rows
 
 
-def append_jsonl(path: Path, rows: List[dict]) -> None:
+def append_jsonl(path: Path, rows: list[dict]) -> None:
     with path.open("a") as f:
         for row in rows:
             f.write(json.dumps(row) + "\n")
@@ -180,7 +179,7 @@ def _fmt(v, digits=3) -> str:
     return "n/a" if v is None or not math.isfinite(v) else f"{v:.{digits}f}"
 
 
-def metric_keys(rows: List[dict]) -> List[str]:
+def metric_keys(rows: list[dict]) -> list[str]:
     """Numeric score keys of the rows: the main ones first, then the others in first-seen order."""
     skip = {"prompt_index", "clip", "seed"}
     seen = list(dict.fromkeys(k for r in rows for k, v in r.items()
@@ -189,7 +188,7 @@ def metric_keys(rows: List[dict]) -> List[str]:
     return [k for k in MAIN_KEYS if k in seen] + [k for k in seen if k not in MAIN_KEYS]
 
 
-def summarise(rows: List[dict], baseline_rows: Optional[List[dict]] = None) -> dict:
+def summarise(rows: list[dict], baseline_rows: list[dict] | None = None) -> dict:
     keys = metric_keys(rows)
     summary = {"n_clips": len(rows),
                "metrics": {k: mean_ci([r[k] if r.get(k) is not None else float("nan") for r in rows]) for k in keys}}
@@ -266,13 +265,13 @@ def build_videoalign(args, video_fps: float):
         raise UserError(f"--videoalign {args.videoalign}: {err}") from err
 
 
-def score_videos(frames: List[np.ndarray], prompts: List[str], rewards) -> List[Dict[str, Optional[float]]]:
+def score_videos(frames: list[np.ndarray], prompts: list[str], rewards) -> list[dict[str, float | None]]:
     """Score clips one at a time (clips read from files may differ in size) -> one {term: value} per clip."""
     import torch
 
     out = []
     for clip, prompt in zip(frames, prompts):
-        row: Dict[str, Optional[float]] = {}
+        row: dict[str, float | None] = {}
         batch = torch.from_numpy(np.ascontiguousarray(clip))[None]
         for rm in rewards:
             for k, v in rm(batch, [prompt]).items():
@@ -282,7 +281,7 @@ def score_videos(frames: List[np.ndarray], prompts: List[str], rewards) -> List[
 
 
 # --------------------------------------------------------------------------------------------- generator mode
-def clip_plan(prompts: List[str], clips: int, seed: int) -> List[dict]:
+def clip_plan(prompts: list[str], clips: int, seed: int) -> list[dict]:
     """Every clip to evaluate: id, prompt index, clip index, prompt, seed (= seed + prompt_index * clips + clip)."""
     return [{"id": f"p{i:05d}_c{c}", "prompt_index": i, "clip": c, "prompt": p, "seed": seed + i * clips + c}
             for i, p in enumerate(prompts) for c in range(clips)]
@@ -301,7 +300,7 @@ def check_settings(out: Path, settings: dict) -> None:
     write_json(path, settings)
 
 
-def load_baseline(spec: Optional[str]) -> Optional[List[dict]]:
+def load_baseline(spec: str | None) -> list[dict] | None:
     if not spec:
         return None
     p = Path(spec)
@@ -353,7 +352,7 @@ def run_generate(args) -> int:
     done = {r["id"] for r in read_jsonl(results_path) if "id" in r}
     todo = [c for c in clip_plan(prompts, args.clips_per_prompt, args.seed) if c["id"] not in done]
     print(f"{len(done)} clips already scored, {len(todo)} to do", file=sys.stderr)
-    skipped: List[dict] = []
+    skipped: list[dict] = []
 
     if todo:
         import reward_models
@@ -419,7 +418,7 @@ def run_generate(args) -> int:
 
 
 # ------------------------------------------------------------------------------------------- rewardbench mode
-def bench_pairs(rows: List[Dict[str, str]], csv_path: Path) -> List[dict]:
+def bench_pairs(rows: list[dict[str, str]], csv_path: Path) -> list[dict]:
     """Validate the rows of a VideoGen-RewardBench CSV -> pairs with labels +1 / -1 / 0 per dimension."""
     need = ["path_A", "path_B", "prompt", *VIDEOALIGN_KEYS]
     missing = [c for c in need if c not in rows[0]]
@@ -446,7 +445,7 @@ def bench_pairs(rows: List[Dict[str, str]], csv_path: Path) -> List[dict]:
     return pairs
 
 
-def bench_accuracy(pairs: List[dict], scores: Dict[str, dict]) -> dict:
+def bench_accuracy(pairs: list[dict], scores: dict[str, dict]) -> dict:
     """Per dimension: accuracy without and with ties over the pairs whose two videos were both scored."""
     out = {}
     for k in VIDEOALIGN_KEYS:
@@ -477,7 +476,7 @@ def run_rewardbench(args) -> int:
     cache_path = out / "scores.jsonl"
     # Keyed by (path, prompt): text alignment depends on the prompt a video is judged against.
     scores = {(r["path"], r["prompt"]): r for r in read_jsonl(cache_path) if "path" in r and "prompt" in r}
-    videos: Dict[Tuple[str, str], Optional[float]] = {}
+    videos: dict[tuple[str, str], float | None] = {}
     for p in pairs:
         for side in "AB":
             videos.setdefault((p[side], p["prompt"]), p["fps"][side])
@@ -583,7 +582,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return run_generate(args) if args.mode == "generate" else run_rewardbench(args)

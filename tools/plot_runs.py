@@ -17,27 +17,26 @@ import json
 import math
 import sys
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from render_compare import HelpFormatter  # noqa: E402
+from render_compare import HelpFormatter
 
 
 class UserError(Exception):
     """A bad run directory or option: reported in one line, without a traceback."""
 
 
-def read_rows(run_dir: Path) -> List[dict]:
+def read_rows(run_dir: Path) -> list[dict]:
     """metrics.jsonl rows by iteration (the last row of an iteration wins, as after a resume)."""
     path = run_dir / "metrics.jsonl"
     if not run_dir.is_dir():
         raise UserError(f"run directory {run_dir} does not exist")
     if not path.is_file():
         raise UserError(f"run directory {run_dir} has no metrics.jsonl")
-    rows: Dict[int, dict] = {}
+    rows: dict[int, dict] = {}
     for line in path.read_text().splitlines():
         try:
             row = json.loads(line)
@@ -50,7 +49,7 @@ def read_rows(run_dir: Path) -> List[dict]:
     return [rows[i] for i in sorted(rows)]
 
 
-def curve(rows: List[dict], metric: str) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+def curve(rows: list[dict], metric: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(iterations, wall-clock seconds at the end of each iteration, values) of the rows where `metric` is finite.
 
     Seconds are the running sum of ``iter_s`` over all rows (an iteration without ``iter_s`` adds 0).
@@ -88,7 +87,7 @@ def run_label(run_dir: Path) -> str:
     return f"{run_dir.name} ({method})" if method and method != run_dir.name else run_dir.name
 
 
-def time_unit(max_seconds: float) -> Tuple[str, float]:
+def time_unit(max_seconds: float) -> tuple[str, float]:
     if max_seconds >= 2 * 3600:
         return "hours", 3600.0
     if max_seconds >= 120:
@@ -96,8 +95,8 @@ def time_unit(max_seconds: float) -> Tuple[str, float]:
     return "seconds", 1.0
 
 
-def plot(runs: List[Path], metrics: List[str], labels: Optional[List[str]] = None, smooth: float = 0.0,
-         title: Optional[str] = None):
+def plot(runs: list[Path], metrics: list[str], labels: list[str] | None = None, smooth: float = 0.0,
+         title: str | None = None):
     """A figure with one row per metric: the metric against iteration (left) and wall-clock time (right)."""
     import matplotlib
 
@@ -154,7 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if not 0 <= args.smooth < 1:

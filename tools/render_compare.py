@@ -21,9 +21,9 @@ import argparse
 import json
 import math
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
@@ -82,14 +82,14 @@ def build_rewards(specs: Sequence[str]):
     return out
 
 
-def score_clips(rewards, frames, prompts: List[str]):
+def score_clips(rewards, frames, prompts: list[str]):
     """Score clips with every reward -> ({term: [per clip]}, headline terms).
 
     A reward's headline is its own-named term when it has one (temporal_consistency), else all of its terms
     (videoalign: VQ, MQ, TA, Overall). A term named by two rewards keeps the first reward's value.
     """
-    scores: Dict[str, List[float]] = {}
-    headline: List[str] = []
+    scores: dict[str, list[float]] = {}
+    headline: list[str] = []
     for name, rm in rewards:
         out = rm(frames, prompts)
         for key, value in out.items():
@@ -98,7 +98,7 @@ def score_clips(rewards, frames, prompts: List[str]):
     return scores, list(dict.fromkeys(headline))
 
 
-def pick_keys(scores: Dict[str, List[float]], headline: List[str], requested: Optional[List[str]]) -> List[str]:
+def pick_keys(scores: dict[str, list[float]], headline: list[str], requested: list[str] | None) -> list[str]:
     """Terms printed under the clips: the requested ones (checked), else the headline terms."""
     if not requested:
         return headline
@@ -108,7 +108,7 @@ def pick_keys(scores: Dict[str, List[float]], headline: List[str], requested: Op
     return list(requested)
 
 
-def read_prompt_args(prompts: List[str], prompt_file: Optional[str]) -> List[str]:
+def read_prompt_args(prompts: list[str], prompt_file: str | None) -> list[str]:
     from video_branch.data import PromptFileError, read_prompts
 
     out = list(prompts or [])
@@ -122,7 +122,7 @@ def read_prompt_args(prompts: List[str], prompt_file: Optional[str]) -> List[str
     return out
 
 
-def seeds_for(seeds: Optional[List[int]], n: int) -> List[int]:
+def seeds_for(seeds: list[int] | None, n: int) -> list[int]:
     """One seed per prompt: the given list (its length must be n, or 1 to share it), else 0..n-1."""
     if not seeds:
         return list(range(n))
@@ -156,9 +156,9 @@ def fit(text: str, max_width: int, scale: float) -> str:
     return text + "..."
 
 
-def wrap(text: str, max_width: int, scale: float) -> List[str]:
+def wrap(text: str, max_width: int, scale: float) -> list[str]:
     """Greedy word wrap to max_width pixels (a word too long for a line is cut with '...')."""
-    lines: List[str] = []
+    lines: list[str] = []
     for word in text.split():
         if lines and text_width(lines[-1] + " " + word, scale) <= max_width:
             lines[-1] += " " + word
@@ -208,8 +208,8 @@ class Layout:
         return self.margin + column * (self.cell_w + self.margin)
 
 
-def compose(layout: Layout, cells: List[np.ndarray], labels: List[str], scores: List[List[str]],
-            caption: List[str], scale: float) -> np.ndarray:
+def compose(layout: Layout, cells: list[np.ndarray], labels: list[str], scores: list[list[str]],
+            caption: list[str], scale: float) -> np.ndarray:
     """One frame [height, width, 3]: labels over the cells, score lines under each, the caption at the bottom."""
     img = np.empty((layout.height, layout.width, 3), np.uint8)
     img[:] = BACKGROUND
@@ -235,7 +235,7 @@ def upscale(frames: np.ndarray, scale: int) -> np.ndarray:
     return frames.repeat(scale, axis=-3).repeat(scale, axis=-2)
 
 
-def score_lines(keys: List[str], scores: Dict[str, List[float]], row: int) -> List[str]:
+def score_lines(keys: list[str], scores: dict[str, list[float]], row: int) -> list[str]:
     return [f"{k}: {scores[k][row]:.3f}" if math.isfinite(scores[k][row]) else f"{k}: n/a" for k in keys]
 
 
@@ -243,9 +243,9 @@ def caption_for(prompt: str, seed: int) -> str:
     return f"{prompt}   (seed {seed})"
 
 
-def render(clips: List[np.ndarray], names: List[str], prompts: List[str], seeds: List[int],
-           scores: Optional[List[Dict[str, List[float]]]], keys: List[str], *, scale: int, margin: int,
-           font_scale: float, repeat: int, sheet_frames: List[int]):
+def render(clips: list[np.ndarray], names: list[str], prompts: list[str], seeds: list[int],
+           scores: list[dict[str, list[float]]] | None, keys: list[str], *, scale: int, margin: int,
+           font_scale: float, repeat: int, sheet_frames: list[int]):
     """Compose the comparison video frames [P * T * repeat, H, W, 3] and the contact sheet [H', W', 3].
 
     clips: one uint8 array [P, T, h, w, 3] per model; scores: one {term: [P]} per model (or None).
@@ -287,7 +287,7 @@ def render(clips: List[np.ndarray], names: List[str], prompts: List[str], seeds:
     return np.stack(video), np.concatenate(rows, axis=0)
 
 
-def parse_sheet_frames(spec: Optional[str], num_frames: int) -> List[int]:
+def parse_sheet_frames(spec: str | None, num_frames: int) -> list[int]:
     """'0,4,-1' -> frame indices (negatives count from the end); None -> up to 4 evenly spaced frames."""
     if not spec:
         count = min(4, num_frames)
@@ -370,11 +370,11 @@ def run_defaults(sources) -> dict:
     return out
 
 
-def scheduler_shift(source) -> Optional[float]:
+def scheduler_shift(source) -> float | None:
     """The flow shift in the model's scheduler config (FlowMatchEuler 'shift' or UniPC 'flow_shift')."""
-    from video_branch.sampling import _base_model_path
+    from video_branch.sampling import base_model_path
 
-    folder = source.path if source.kind == "diffusers" else _base_model_path(source.run_dir)
+    folder = source.path if source.kind == "diffusers" else base_model_path(source.run_dir)
     cfg_file = Path(folder) / "scheduler" / "scheduler_config.json"
     if not cfg_file.is_file():
         return None
@@ -496,7 +496,7 @@ def run(args) -> int:
     return 0
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from video_branch.video import VideoReadError
 

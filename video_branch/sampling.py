@@ -8,9 +8,9 @@ evaluation and the trainer's held-out evaluation all sample through :func:`gener
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional, Sequence, Tuple
 
 import torch
 
@@ -22,7 +22,7 @@ from .rollout import rollout
 PATCH = 2  # Wan's spatial patch size: latent height and width must be even
 
 
-def compression(vae) -> Tuple[int, int]:
+def compression(vae) -> tuple[int, int]:
     """(temporal, spatial) compression factors of a Wan-interface VAE, from its config.
 
     ``scale_factor_temporal`` / ``scale_factor_spatial`` (what WanPipeline reads; AutoencoderKLWan and ToyVAE have
@@ -36,7 +36,7 @@ def compression(vae) -> Tuple[int, int]:
             int(getattr(cfg, "scale_factor_spatial", None) or s_factor))
 
 
-def latent_shape_for(vae, num_frames: int, height: int, width: int) -> Tuple[int, int, int, int]:
+def latent_shape_for(vae, num_frames: int, height: int, width: int) -> tuple[int, int, int, int]:
     """(C, F', h, w) of one clip's latent; raises ValueError naming the size that the VAE and patching cannot take.
 
     Frames must be ``1 + k * temporal`` (Wan: 4k + 1); height and width multiples of ``spatial * 2`` (Wan: 16).
@@ -76,12 +76,12 @@ def generate(
     width: int,
     negative_prompt: str = "",
     frontier_batch: int = 32,
-    progress: Optional[Callable[[int, int], None]] = None,
+    progress: Callable[[int, int], None] | None = None,
     clips_per_prompt: int = 1,
     encoder=None,
     transformer=None,
     max_sequence_length: int = 512,
-    decode_batch: Optional[int] = 16,
+    decode_batch: int | None = 16,
 ) -> torch.Tensor:
     """Sample clips by Euler ODE steps from per-prompt seeds; returns uint8 ``[len(prompts) * clips, T, H, W, 3]``.
 
@@ -153,8 +153,8 @@ class ModelSource:
     name: str
     kind: str
     path: Path
-    tag: Optional[str] = None
-    run_dir: Optional[Path] = None
+    tag: str | None = None
+    run_dir: Path | None = None
 
 
 def _run_config(run_dir: Path) -> dict:
@@ -215,7 +215,7 @@ def resolve_source(spec: str) -> ModelSource:
     return ModelSource(name or f"{run_dir.name}@{tag}", "checkpoint", ckpts, tag=tag, run_dir=run_dir)
 
 
-def _base_model_path(run_dir: Path) -> Path:
+def base_model_path(run_dir: Path) -> Path:
     cfg = _run_config(run_dir)
     base = (cfg.get("model") or {}).get("path")
     if not base:
@@ -239,7 +239,7 @@ def merge_lora_state(state: dict, scale: float) -> dict:
         return state
     plain, lora_a, lora_b = {}, {}, {}
     for key, value in state.items():
-        key = key[len(prefix):] if key.startswith(prefix) else key
+        key = key.removeprefix(prefix)
         if ".lora_A." in key:
             lora_a[key.split(".lora_A.")[0]] = value
         elif ".lora_B." in key:
@@ -269,7 +269,7 @@ def load_source(source: ModelSource, *, dtype: str = "float32", device="cpu", co
 
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    base = _base_model_path(source.run_dir)
+    base = base_model_path(source.run_dir)
     # load_state_dict copies (and casts) into the loaded parameters, so the base model's fp32-kept modules stay fp32.
     models = load_wan(base, dtype=dtype, device=device, components=components)
     with contextlib.redirect_stdout(io.StringIO()):

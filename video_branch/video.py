@@ -9,7 +9,6 @@ with OpenCV afterwards because decord's own resize returns wrong shapes for some
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional, Tuple
 
 import numpy as np
 
@@ -35,7 +34,7 @@ def pad_to_even(frames: np.ndarray) -> np.ndarray:
     return np.pad(frames, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)), mode="edge")
 
 
-def write_mp4(path, frames, fps: float, quality: Optional[float] = 8.0) -> Path:
+def write_mp4(path, frames, fps: float, quality: float | None = 8.0) -> Path:
     """Write uint8 frames [T, H, W, 3] (numpy or torch) to an H.264 (libx264, yuv420p) mp4 at `fps`.
 
     Odd heights / widths are padded to even. `quality` is imageio's 0-10 scale (10 best; None leaves ffmpeg's
@@ -60,7 +59,7 @@ def write_mp4(path, frames, fps: float, quality: Optional[float] = 8.0) -> Path:
     return path
 
 
-def resize_frames(frames: np.ndarray, size: Tuple[int, int], interpolation: Optional[int] = None) -> np.ndarray:
+def resize_frames(frames: np.ndarray, size: tuple[int, int], interpolation: int | None = None) -> np.ndarray:
     """[T, H, W, 3] uint8 -> [T, height, width, 3] with OpenCV; `size` is (height, width).
 
     Default interpolation: area averaging when shrinking, bilinear when enlarging.
@@ -87,13 +86,16 @@ def _first_line(err: Exception) -> str:
     return text.splitlines()[0] if text else repr(err)
 
 
-def _indices(total: int, num_frames: Optional[int]) -> np.ndarray:
+def _indices(total: int, num_frames: int | None) -> np.ndarray:
     if num_frames is None:
         return np.arange(total)
     return np.linspace(0, total - 1, int(num_frames)).round().astype(np.int64)
 
 
-def _read_decord(path: Path, num_frames: Optional[int]) -> np.ndarray:
+def _read_decord(path: Path, num_frames: int | None) -> np.ndarray:
+    # OpenCV must load its libpng / zlib before decord's: the other order breaks cv2.imread of PNG files for the
+    # rest of the process ("libpng error: bad parameters to zlib").
+    import cv2  # noqa: F401
     import decord
 
     reader = decord.VideoReader(str(path), ctx=decord.cpu(0), num_threads=1)
@@ -103,7 +105,7 @@ def _read_decord(path: Path, num_frames: Optional[int]) -> np.ndarray:
     return reader.get_batch(_indices(total, num_frames).tolist()).asnumpy()
 
 
-def _read_ffmpeg(path: Path, num_frames: Optional[int]) -> np.ndarray:
+def _read_ffmpeg(path: Path, num_frames: int | None) -> np.ndarray:
     """Every frame through imageio-ffmpeg's pipe (iterated: imageio's reader reports an infinite length)."""
     import imageio_ffmpeg
 
@@ -119,7 +121,7 @@ def _read_ffmpeg(path: Path, num_frames: Optional[int]) -> np.ndarray:
     return np.stack(frames)[_indices(len(frames), num_frames)]
 
 
-def read_video(path, num_frames: Optional[int] = None, size: Optional[Tuple[int, int]] = None) -> np.ndarray:
+def read_video(path, num_frames: int | None = None, size: tuple[int, int] | None = None) -> np.ndarray:
     """Decode a video file to uint8 [T, H, W, 3] (RGB), with decord (ffmpeg where decord's width bug hits).
 
     num_frames: sample that many frames uniformly over the clip (``linspace(0, T-1, n).round()``; indices repeat
