@@ -236,3 +236,42 @@ def test_sequence_parallel_run_matches_single_rank_rewards(tiny_setup, tmp_path)
     np.testing.assert_allclose(a["leaf_reward"][leaves], c["leaf_reward"][leaves], atol=1e-4)
     np.testing.assert_allclose(a["logp"][1:], c["logp"][1:], atol=1e-4)
     assert [row["iteration"] for row in metrics(sp2)] == [0, 1]
+
+
+def test_non_finite_loss_skips_the_update_and_keeps_the_weights(tiny_setup, tmp_path):
+    d, cfg = tiny_setup
+    run = tmp_path / "run"
+    script = tmp_path / "run_nan.py"
+    script.write_text(
+        f"""
+import sys, torch
+from video_branch.objectives import ObjectiveOut, clipped_ratio, register_objective
+
+@register_objective("nan_once_test")
+def nan_once(logp_new, logp_old, advantages, **kw):
+    out = clipped_ratio(logp_new, logp_old, advantages, **kw)
+    return ObjectiveOut(loss=out.loss * float("nan"), ratio=out.ratio, clipped_frac=out.clipped_frac, kl=out.kl)
+
+from video_branch.train import main
+sys.exit(main(["--config", {str(cfg)!r}, "--set", "train.run_dir={run}", "--set", "objective.name=nan_once_test",
+               "--set", "train.iterations=1", "--set", "optim.micro_batch=100"]))
+"""
+    )
+    r = subprocess.run([sys.executable, str(script)], cwd=ROOT, capture_output=True, text=True, timeout=600,
+                       env=_env())
+    assert r.returncode == 0, r.stderr[-3000:]
+    row = metrics(run)[0]
+    assert row["skipped_micro_steps"] == 3 and row["skipped_updates"] == 1  # 218 edges in 3 micro-batches
+    from safetensors.torch import load_file
+
+    before = load_file(str(next((d / "model" / "transformer").glob("*.safetensors"))))
+    after = load_file(str(next((run / "final" / "transformer").glob("*.safetensors"))))
+    assert before.keys() == after.keys()
+    for k in before:
+        assert torch_equal(before[k], after[k]), k
+
+
+def torch_equal(a, b):
+    import torch
+
+    return bool(torch.equal(a.float(), b.float()))

@@ -14,6 +14,8 @@ import copy
 import json
 import math
 import time
+import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional
@@ -35,6 +37,20 @@ from .sde import gaussian_log_prob, sde_mean_std
 from .tree import TreeSpec, build_structure
 
 
+@contextmanager
+def _zero_lr(optimizer):
+    """Step with learning rate 0: AdamW then leaves every parameter as it is (weight decay included)."""
+    saved = [g["lr"] for g in optimizer.param_groups]
+    for g in optimizer.param_groups:
+        g["lr"] = 0.0
+    try:
+        yield
+    finally:
+        for g, lr in zip(optimizer.param_groups, saved):
+            if g["lr"] == 0.0:  # a scheduler that stepped has already set the next rate
+                g["lr"] = lr
+
+
 class LockstepError(RuntimeError):
     """Ranks disagree on the number of forward/backward calls of an iteration (ZeRO-3 would deadlock)."""
 
@@ -48,14 +64,9 @@ class IterationStats:
 
 def latent_shape(cfg: Config, vae) -> tuple:
     """[C, F', h, w] of the latents of a clip, from the VAE's compression factors."""
-    c = getattr(vae.config, "z_dim", 16)
-    tdown = getattr(vae.config, "temperal_downsample", None)
-    t_factor = 2 ** sum(bool(x) for x in tdown) if tdown is not None else 4
-    s_factor = 2 ** len(tdown) if tdown is not None else 8
-    s_factor = getattr(vae.config, "spatial_compression", s_factor)
-    t_factor = getattr(vae.config, "temporal_compression", t_factor)
-    f = 1 + (cfg.video.num_frames - 1) // t_factor
-    return (c, f, cfg.video.height // s_factor, cfg.video.width // s_factor)
+    from .sampling import latent_shape_for
+
+    return latent_shape_for(vae, cfg.video.num_frames, cfg.video.height, cfg.video.width)
 
 
 def mean_ci(x: np.ndarray) -> tuple[float, float]:
@@ -228,7 +239,15 @@ class Trainer:
         prompts = [res.prompts[t] for t in tree.tree[leaves]]
         scores = self._sp_shared(lambda: {k: v.detach().cpu() for k, v in self.reward(frames, prompts).items()})
         res.frames = frames
-        return {k: leaf_vector(tree, leaves, v.detach().cpu().numpy()) for k, v in scores.items()}
+        out = {}
+        for k, v in scores.items():
+            v = v.detach().cpu().double().numpy()
+            if np.isinf(v).any():  # an infinite score is a failed sample, never a value to train on
+                warnings.warn(f"reward '{k}' returned infinite scores for {int(np.isinf(v).sum())} sample(s); "
+                              "they are treated as invalid (NaN)")
+                v = np.where(np.isinf(v), np.nan, v)
+            out[k] = leaf_vector(tree, leaves, v)
+        return out
 
     def _train(self, iteration: int, res: RolloutResult, adv: np.ndarray, trained: np.ndarray) -> Dict[str, float]:
         cfg = self.cfg
@@ -241,10 +260,11 @@ class Trainer:
         gen = torch.Generator().manual_seed(cfg.train.seed * 1000003 + iteration)
         ratio_dev_first, losses, clipfr, kls, ratio_dev_all, skipped = float("nan"), [], [], [], 0.0, 0
         grad_norm = float("nan")
-        n_back = 0
+        n_back = skipped_updates = 0
         for update in range(cfg.optim.updates_per_iteration):
             order = edges[torch.randperm(edges.size, generator=gen).numpy()] if update else edges
             chunks = np.array_split(order, self.n_micro)
+            update_skipped = False
             for mb, ids in enumerate(chunks):
                 inp = edge_inputs(res, ids)
                 x, x_next = inp["parent_latent"].to(self.dist.device), inp["child_latent"].to(self.dist.device)
@@ -276,12 +296,20 @@ class Trainer:
                 # SP ranks hold token shards of the same samples: DeepSpeed's mean over all ranks times sp_size is
                 # the mean over data-parallel members of the full gradient.
                 loss = out.loss * (len(ids) * self.n_micro / edges.size) * self.sp.loss_scale
-                if not torch.isfinite(loss):
+                # A non-finite loss on any rank skips that micro-batch's backward on every rank (agreed by an
+                # all-reduce, so ZeRO-3's collectives stay in step) and the whole update's parameter change.
+                if self._any_rank(not bool(torch.isfinite(loss))):
                     skipped += 1
-                    loss = loss.nan_to_num(0.0, 0.0, 0.0) * 0.0  # keep the collective call sequence identical
+                    update_skipped = True
+                    loss = self._zero_loss(x[:1], s[:1], emb[:1])
                 self.engine.backward(loss)
                 n_back += 1
-                self.engine.step()
+                if mb == len(chunks) - 1 and update_skipped:
+                    skipped_updates += 1
+                    with _zero_lr(self.optimizer):
+                        self.engine.step()
+                else:
+                    self.engine.step()
                 losses.append(float(out.loss.detach()))
                 clipfr.append(float(out.clipped_frac))
                 kls.append(float(out.kl))
@@ -291,8 +319,26 @@ class Trainer:
         return {
             "loss": float(np.mean(losses)), "grad_norm": grad_norm, "ratio_max_dev": ratio_dev_first,
             "ratio_max_dev_all": ratio_dev_all, "clip_frac": float(np.mean(clipfr)), "kl": float(np.mean(kls)),
-            "skipped_micro_steps": skipped,
+            "skipped_micro_steps": skipped, "skipped_updates": skipped_updates,
         }
+
+    def _zero_loss(self, x, s, emb) -> torch.Tensor:
+        """A finite zero loss through the policy, backpropagated in place of a non-finite one: ZeRO-3 needs a
+        backward on every rank, and gradients of a NaN graph would poison the optimizer state."""
+        from .models.wan import velocity
+
+        zero = velocity(self.engine, torch.zeros_like(x), 1000.0 * s, emb).sum() * 0.0
+        if not torch.isfinite(zero):
+            raise FloatingPointError("the policy's weights are no longer finite; resume from the last checkpoint "
+                                     "with a lower optim.lr")
+        return zero
+
+    def _any_rank(self, flag: bool) -> bool:
+        if self.dist.world_size == 1:
+            return flag
+        t = torch.tensor([1.0 if flag else 0.0])
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item() > 0)
 
     def _velocity_cfg(self, module, x, s, emb, negative):
         from .models.wan import velocity
