@@ -230,6 +230,7 @@ def _free_port():
         return str(s.getsockname()[1])
 
 
+@pytest.mark.slow  # a DeepSpeed process of its own (about 20-30 s on 2 cores)
 def test_checkpoint_source_loads_the_trained_transformer(models, tmp_path):
     pytest.importorskip("deepspeed")
     run = tmp_path / "ckrun"
