@@ -55,6 +55,21 @@ class LockstepError(RuntimeError):
     """Ranks disagree on the number of forward/backward calls of an iteration (ZeRO-3 would deadlock)."""
 
 
+def check_lockstep(iteration: int, counts: Dict[str, int]) -> None:
+    """All-reduce per-iteration call counts; raise LockstepError on every rank if any two ranks differ."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return
+    mine = torch.tensor([float(v) for v in counts.values()], dtype=torch.float64)
+    lo, hi = mine.clone(), mine.clone()
+    dist.all_reduce(lo, op=dist.ReduceOp.MIN)
+    dist.all_reduce(hi, op=dist.ReduceOp.MAX)
+    if not torch.equal(lo, hi):
+        diff = ", ".join(f"{k}: {int(a)}..{int(b)}" for k, a, b in zip(counts, lo.tolist(), hi.tolist()) if a != b)
+        raise LockstepError(f"iteration {iteration}: ranks ran different numbers of calls ({diff}); under ZeRO-3 "
+                            "this deadlocks. Tree shapes, pruning counts and micro-batches must come from the config "
+                            "alone")
+
+
 @dataclass
 class IterationStats:
     forward_passes: int = 0
@@ -365,18 +380,9 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------------ lockstep
     def _check_lockstep(self, iteration: int) -> None:
-        if self.dist.world_size == 1:
-            return
-        mine = torch.tensor([self._stats.forward_passes, self._stats.backward_calls, self._stats.trained_edges],
-                            dtype=torch.float64)
-        lo, hi = mine.clone(), mine.clone()
-        dist.all_reduce(lo, op=dist.ReduceOp.MIN)
-        dist.all_reduce(hi, op=dist.ReduceOp.MAX)
-        if not torch.equal(lo, hi):
-            raise LockstepError(
-                f"iteration {iteration}: ranks ran different numbers of calls "
-                f"(forward passes, backward calls, trained edges: min {lo.tolist()}, max {hi.tolist()})"
-            )
+        check_lockstep(iteration, {"forward passes": self._stats.forward_passes,
+                                   "backward calls": self._stats.backward_calls,
+                                   "trained edges": self._stats.trained_edges})
 
     def _all_mean(self, values: Dict[str, float]) -> Dict[str, float]:
         """Average over ranks (NaN-aware: a rank with no valid value does not count)."""

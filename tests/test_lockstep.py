@@ -1,0 +1,44 @@
+"""The lockstep check: ranks that ran different call counts stop with a clear error on every rank."""
+
+import os
+import socket
+
+import pytest
+import torch.multiprocessing as mp
+
+
+def _port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank, port, counts, results):
+    import torch.distributed as dist
+
+    from video_branch.trainer import LockstepError, check_lockstep
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        check_lockstep(7, counts[rank])
+        results[rank] = "ok"
+    except LockstepError as e:
+        results[rank] = str(e)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("differ", [False, True])
+def test_lockstep_check(differ):
+    counts = [{"forward passes": 203, "backward calls": 4, "trained edges": 218},
+              {"forward passes": 203, "backward calls": 5 if differ else 4, "trained edges": 218}]
+    with mp.Manager() as m:
+        results = m.dict()
+        mp.spawn(_worker, args=(_port(), counts, results), nprocs=2, join=True)
+        out = dict(results)
+    if differ:
+        for r in (0, 1):  # every rank stops, not just one (the other would hang)
+            assert "iteration 7" in out[r] and "backward calls: 4..5" in out[r] and "forward passes" not in out[r]
+    else:
+        assert out == {0: "ok", 1: "ok"}
