@@ -272,7 +272,8 @@ def load_source(source: ModelSource, *, dtype: str = "float32", device="cpu", co
     base = base_model_path(source.run_dir)
     # load_state_dict copies (and casts) into the loaded parameters, so the base model's fp32-kept modules stay fp32.
     models = load_wan(base, dtype=dtype, device=device, components=components)
-    with contextlib.redirect_stdout(io.StringIO()):
+    # zero_to_fp32 prints and draws progress bars per shard; errors still raise.
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         state = get_fp32_state_dict_from_zero_checkpoint(str(source.path), tag=source.tag)
     lora = (_run_config(source.run_dir).get("model") or {}).get("lora") or {}
     rank = int(lora.get("rank") or 0)
