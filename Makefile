@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 demo: setup
-	$(VPY) tools/demo.py
+	$(VENV)/bin/deepspeed --num_gpus 2 --module video_branch.train --config configs/tiny/demo.yaml
 
 test: setup
 	$(VPY) -m pytest -q tests
@@ -29,6 +29,8 @@ test-fast: setup
 
 bench: setup
 	$(VPY) tools/bench_iteration.py --out runs/bench/iteration.json
+	$(VPY) tools/bench_alignment.py --out runs/bench/alignment.json
+	$(VPY) tools/bench_memory.py --out runs/bench/memory.json
 
 lint: setup
 	$(VPY) -m ruff check video_branch reward_models tools tests

@@ -9,18 +9,9 @@ from __future__ import annotations
 from typing import Dict, List
 
 import numpy as np
-import torch
 import torch.distributed as dist
 
-from .rollout import rollout
-from .tree import TreeSpec
-
-
-def ode_spec(num_steps: int, shift: float, clips: int) -> TreeSpec:
-    """``clips`` independent ODE chains per prompt (no log-probs, nothing trained)."""
-    return TreeSpec(num_steps=num_steps, roots=clips, split_steps=(), branching=1, split_noise="independent",
-                    correlation=0.0, kinds=("ode",) * num_steps, sde_form="dance", eta=0.0, split_eta=None,
-                    shift=shift)
+from .sampling import generate
 
 
 def shard(n: int, parts: int, index: int) -> List[int]:
@@ -37,25 +28,15 @@ def heldout_scores(trainer, iteration: int) -> Dict[str, np.ndarray]:
     prompts = trainer.eval_prompts
     mine = shard(len(prompts), d.dp_size, d.dp_rank)
     local_prompts = [prompts[i if i >= 0 else 0] for i in mine]
-    emb = trainer.encoder.encode(local_prompts)
-    neg = None
-    if cfg.eval.guidance_scale != 1.0:
-        neg = trainer.encoder.encode([cfg.rollout.negative_prompt])[0]
-    spec = ode_spec(cfg.eval.num_steps, cfg.tree.shift, cfg.eval.clips_per_prompt)
     seeds = [cfg.eval.seed * 100003 + max(i, 0) for i in mine]
-    module = trainer.rollout_module()
-    module.eval()
-    with torch.no_grad():
-        res = rollout(spec, trainer._model_fn(module), emb, latent_shape=trainer.latent_shape, seeds=seeds,
-                      negative_embeds=neg, guidance_scale=cfg.eval.guidance_scale,
-                      frontier_batch=cfg.rollout.frontier_batch, store_on_cpu=True, device=d.device)
-        from .models.vae import decode_to_frames
-
-        frames = decode_to_frames(trainer.models.vae, res.leaf_latents.to(d.device),
-                                  batch_size=cfg.rollout.decode_batch).cpu()
-    module.train()
-    leaves = res.tree.leaves()
-    tree_of_leaf = res.tree.tree[leaves]
+    frames = generate(trainer.models, local_prompts, seeds, num_steps=cfg.eval.num_steps,
+                      guidance_scale=cfg.eval.guidance_scale, shift=cfg.tree.shift, num_frames=cfg.video.num_frames,
+                      height=cfg.video.height, width=cfg.video.width, negative_prompt=cfg.rollout.negative_prompt,
+                      frontier_batch=cfg.rollout.frontier_batch, clips_per_prompt=cfg.eval.clips_per_prompt,
+                      encoder=trainer.encoder, transformer=trainer.rollout_module(),
+                      decode_batch=cfg.rollout.decode_batch)
+    # Rows are prompt-major: clip c of local prompt t is row t * clips + c.
+    tree_of_leaf = np.repeat(np.arange(len(local_prompts)), cfg.eval.clips_per_prompt)
     scores = trainer._sp_shared(lambda: trainer.reward(frames, [local_prompts[t] for t in tree_of_leaf]))
     keep = np.array([mine[t] >= 0 for t in tree_of_leaf])
     local = {k: v.detach().cpu().numpy()[keep] for k, v in scores.items()}

@@ -1,6 +1,6 @@
 """Deterministic ODE sampling of clips from a Wan model, through the same rollout the trainer uses.
 
-Each prompt is one tree of independent ODE chains (``evaluation.ode_spec``) whose noise comes from its own seed, so a
+Each prompt is one tree of independent ODE chains (``ode_spec``) whose noise comes from its own seed, so a
 (prompt, seed) pair starts from the same initial latent whatever the model, the batch it shares, or the micro-batch
 size: differences between models' clips are differences between the models. Rendering comparisons, generator
 evaluation and the trainer's held-out evaluation all sample through :func:`generate`.
@@ -14,12 +14,19 @@ from pathlib import Path
 
 import torch
 
-from .evaluation import ode_spec
 from .models.vae import decode_to_frames
 from .models.wan import module_dtype_device, velocity
 from .rollout import rollout
+from .tree import TreeSpec
 
 PATCH = 2  # Wan's spatial patch size: latent height and width must be even
+
+
+def ode_spec(num_steps: int, shift: float, clips: int) -> TreeSpec:
+    """``clips`` independent ODE chains per prompt (no log-probs, nothing trained)."""
+    return TreeSpec(num_steps=num_steps, roots=clips, split_steps=(), branching=1, split_noise="independent",
+                    correlation=0.0, kinds=("ode",) * num_steps, sde_form="dance", eta=0.0, split_eta=None,
+                    shift=shift)
 
 
 def compression(vae) -> tuple[int, int]:
