@@ -90,6 +90,11 @@ class TreeConfig:
     base_kind: Literal["sde", "ode"] = _f("sde", help="kind of the steps outside splits and the SDE window")
     window: WindowConfig = _f(factory=WindowConfig)
     random_split: RandomSplitConfig = _f(factory=RandomSplitConfig)
+    survivors: List[List[int]] = _f(
+        factory=list,
+        help="Expand-and-Prune checkpoints: [step, count] pairs; before `step` each tree keeps `count` live nodes "
+             "chosen by tree.prune_rule from one-step x0_hat previews (e.g. [[5, 24], [7, 12]])")
+    prune_rule: str = _f("ovf", help="registered preview prune rule (video_branch.ovf): ovf, top")
 
 
 @dataclass
@@ -460,6 +465,8 @@ def validate(cfg: Config) -> None:
             f"config keys 'tree.random_split.low/high': expected 0 <= low <= high < {n}, "
             f"got {cfg.tree.random_split.low}, {cfg.tree.random_split.high}"
         )
+    if cfg.tree.survivors:
+        _validate_survivors(cfg)
     if cfg.tree.window.size > n:
         raise ConfigError(f"config key 'tree.window.size': {cfg.tree.window.size} exceeds tree.num_steps={n}")
     f = cfg.video.num_frames
@@ -480,6 +487,24 @@ def validate(cfg: Config) -> None:
         w = opts.get("weight", 1.0)
         if isinstance(w, bool) or not isinstance(w, (int, float)):
             raise ConfigError(f"config key 'reward.components.{name}.weight': expected a number, got {w!r}")
+
+
+def _validate_survivors(cfg: Config) -> None:
+    from .ovf import get_prune_rule
+    from .tree import TreeSpec
+
+    get_prune_rule(cfg.tree.prune_rule)
+    if any(len(p) != 2 for p in cfg.tree.survivors):
+        raise ConfigError(f"config key 'tree.survivors': expected [step, count] pairs, got {cfg.tree.survivors}")
+    p = cfg.prune
+    if p.width != "none" or p.best_of_n or p.timestep_fraction < 1.0:
+        raise ConfigError("config key 'tree.survivors': Expand-and-Prune trains the survivors' edges; it cannot be "
+                          "combined with prune.width, prune.best_of_n or prune.timestep_fraction < 1 (got "
+                          f"{p.width!r}, {p.best_of_n}, {p.timestep_fraction})")
+    try:
+        TreeSpec.from_config(cfg, 0)
+    except ValueError as e:
+        raise ConfigError(f"config key 'tree.survivors': {e}") from None
 
 
 def add_config_args(parser: argparse.ArgumentParser, require_config: bool = False) -> None:

@@ -148,3 +148,18 @@ register_preset(
     "Flow-GRPO-Fast: ODE to a step drawn per iteration in the first half, the group branches there (24 ways) and "
     "takes 2 SDE steps, then ODE; only the SDE steps are trained.",
 )
+
+# ------------------------------------------------------------------------------------------------ Expand-and-Prune
+register_preset(
+    "pro_grpo",
+    _with(_FLOW, tree={"roots": 48, "survivors": [[5, 24], [7, 12]], "prune_rule": "ovf"}),
+    "Pro-GRPO: Flow-GRPO's 10 SDE steps expanded to 48 chains, pruned by Optimal Variance Filtering of the "
+    "rewards of one-step x0_hat previews to 24 before step 5 and 12 before step 7; advantages and training use the "
+    "12 survivors (48x5 + 24x2 + 12x3 = 324 forward passes per prompt).",
+)
+register_preset(
+    "branchgrpo_ovf",
+    _with(_BRANCH, tree={"branching": 4, "survivors": [[3, 2], [6, 4], [9, 4]], "prune_rule": "ovf"}),
+    "BranchGRPO with preview-OVF at the split points: 4 children per split, and before the splits at steps 3, 6 "
+    "and 9 the frontier is cut to 2, 4 and 4 nodes by OVF of their x0_hat previews' rewards (16 leaves).",
+)

@@ -10,6 +10,10 @@ roots, then at each SDE step the noise of all its children in one draw, before t
 size nor on which trees share a batch, and ranks of one sequence-parallel group given the same seeds draw the same
 noise. Noise is drawn on the CPU so it is also the same on any device.
 
+Expand-and-Prune (``spec.survivors``): before a checkpoint step the live nodes' previews (the ``x0_hat`` of the
+evaluation that produced them) go to ``prune_fn``, which returns the nodes that go on; their contents are moved into
+the positions :func:`~video_branch.tree.build_structure` reserved for survivors, the others are marked pruned.
+
 The log-prob of every SDE edge is computed by the same path the trainer uses to recompute it (:func:`edge_inputs`
 then ``sde.transition_log_prob``), so the on-policy ratio is exactly 1 before any update.
 """
@@ -27,6 +31,8 @@ from .schedule import flow_sigmas, model_timesteps
 from .tree import Tree, TreeSpec, build_structure
 
 ModelFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+# prune_fn(step, node_ids [L], node_trees [L], x0_hat [L, *latent_shape]) -> kept node ids
+PruneFn = Callable[[int, np.ndarray, np.ndarray, torch.Tensor], np.ndarray]
 REWARD_ON = ("final", "x0_hat")
 
 
@@ -146,10 +152,12 @@ def _check_inputs(spec, prompt_embeds, latent_shape, seeds, negative_embeds, gui
             )
 
 
-def _stored_mask(tree: Tree) -> np.ndarray:
+def _stored_mask(tree: Tree, spec: TreeSpec) -> np.ndarray:
     keep = tree.sde.copy()
     keep[tree.parent[tree.sde]] = True
     keep |= tree.is_leaf
+    for step, _ in spec.survivors:  # survivors are moved within their depth: keep the whole depth
+        keep[tree.depth == step] = True
     return keep
 
 
@@ -170,6 +178,7 @@ def rollout(
     device="cpu",
     progress: Optional[Callable[[int, int], None]] = None,
     logprob_reduce: str = "mean",
+    prune_fn: Optional[PruneFn] = None,
 ) -> RolloutResult:
     """Roll out one tree per prompt.
 
@@ -188,12 +197,16 @@ def rollout(
         device: where the model runs.
         progress: called as ``progress(steps_done, num_steps)`` after each step.
         logprob_reduce: "mean" (default) or "sum" over latent elements, as the objective recomputes it.
+        prune_fn: required when ``spec.survivors`` is set: ``prune_fn(step, node_ids, node_trees, x0_hat)`` returns
+            the ``spec.survivor_count(step)`` nodes of each tree that go on (see ``video_branch.ovf``).
 
     Returns:
         :class:`RolloutResult`.
     """
     _check_inputs(spec, prompt_embeds, latent_shape, seeds, negative_embeds, guidance_scale, frontier_batch,
                   reward_on, logprob_reduce)
+    if spec.survivors and prune_fn is None:
+        raise ValueError(f"spec.survivors={spec.survivors} needs a prune_fn (the preview rule of tree.prune_rule)")
     device = torch.device(device)
     shape = tuple(int(d) for d in latent_shape)
     num_trees = prompt_embeds.shape[0]
@@ -211,7 +224,7 @@ def rollout(
     edge_std = np.full(tree.num_nodes, np.nan, np.float32)
     store_device = torch.device("cpu") if store_on_cpu else device
     slot = np.full(tree.num_nodes, -1, np.int64)
-    keep = _stored_mask(tree)
+    keep = _stored_mask(tree, spec)
     slot[keep] = np.arange(int(keep.sum()))
     store = torch.empty((int(keep.sum()), *shape), dtype=dtype, device=store_device)
     gens = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
@@ -241,8 +254,13 @@ def rollout(
     frontier = torch.stack([torch.randn(shape, generator=gens[tree.tree[r]]) for r in roots]).to(device, dtype)
     put(roots, frontier)
     leaf_x0 = None
+    preview = None
     for i in range(spec.num_steps):
+        if spec.survivor_count(i) is not None:
+            frontier = _apply_survivors(spec, tree, i, frontier, preview, prune_fn, store, slot, edge_std)
         parents, children = tree.at_depth(i), tree.at_depth(i + 1)
+        if tree.pruned is not None:
+            parents = parents[~tree.pruned[parents]]
         k = spec.children_per_node(i)
         stochastic = spec.kinds[i] == "sde"
         nxt = torch.empty((children.size, *shape), dtype=dtype, device=device)
@@ -250,6 +268,9 @@ def rollout(
         last = i == spec.num_steps - 1
         if last and reward_on == "x0_hat":
             leaf_x0 = torch.empty((children.size, *shape), dtype=dtype, device=store_device)
+        preview = None
+        if spec.survivor_count(i + 1) is not None:
+            preview = torch.empty((children.size, *shape), dtype=dtype, device=store_device)
         for a in range(0, parents.size, frontier_batch):
             pb = parents[a:a + frontier_batch]
             cb = children[a * k:(a + pb.size) * k]
@@ -272,6 +293,8 @@ def rollout(
             nxt[a * k:(a + pb.size) * k] = child
             if leaf_x0 is not None:
                 leaf_x0[a * k:(a + pb.size) * k] = sde.predict_x0(x, v, s).to(store_device)
+            if preview is not None:
+                preview[a * k:(a + pb.size) * k] = sde.predict_x0(x, v, s).to(store_device)
         frontier = nxt
         put(children, frontier)
         if progress is not None:
@@ -284,6 +307,36 @@ def rollout(
         forward_passes=counters["forward_passes"], model_calls=counters["model_calls"],
         logprob_reduce=logprob_reduce, _store=store, _slot=slot,
     )
+
+
+def _apply_survivors(spec, tree, step, frontier, preview, prune_fn, store, slot, edge_std) -> torch.Tensor:
+    """Prune the depth-``step`` nodes before ``step`` runs; returns the survivors' latents (the new frontier).
+
+    The chosen nodes' contents (latent, parent, edge log-prob and std) move, in their order, to the first
+    ``survivor_count`` positions of their tree at this depth, which the structure left unpruned.
+    """
+    nodes = tree.at_depth(step)
+    node_trees = tree.tree[nodes]
+    kept = np.asarray(prune_fn(step, nodes.copy(), node_trees.copy(), preview), dtype=np.int64).reshape(-1)
+    count = spec.survivor_count(step)
+    order = np.empty(nodes.size, np.int64)  # order[j]: position (in `nodes`) whose contents go to position j
+    for t in np.unique(node_trees):
+        pos = np.nonzero(node_trees == t)[0]
+        chosen = np.isin(nodes[pos], kept)
+        if int(chosen.sum()) != count:
+            raise ValueError(f"prune_fn kept {int(chosen.sum())} nodes of tree {t} at step {step}; expected {count}")
+        order[pos] = np.concatenate([pos[chosen], pos[~chosen]])
+    if not np.isin(kept, nodes).all() or np.unique(kept).size != kept.size:
+        raise ValueError(f"prune_fn returned ids that are not distinct live nodes at step {step}: {kept[:8].tolist()}")
+    perm = torch.from_numpy(order)
+    for arr in (tree.parent, tree.logp, edge_std):
+        arr[nodes] = arr[nodes[order]]
+    tree._children = None
+    rows = torch.from_numpy(slot[nodes])
+    store[rows] = store[rows[perm]]
+    frontier = frontier[perm.to(frontier.device)]
+    go_on = ~tree.pruned[nodes]
+    return frontier[torch.from_numpy(np.nonzero(go_on)[0]).to(frontier.device)]
 
 
 def _step_noise(spec: TreeSpec, step: int, shape, child_tree: np.ndarray, gens) -> torch.Tensor:

@@ -31,6 +31,7 @@ from .data import iteration_prompts, read_prompts, tree_seed
 from .logging import RunLogger
 from .objectives import get_objective
 from .parallel.groups import Dist, init_distributed
+from .ovf import preview_pruner, survivor_edges
 from .pruning import select_trained_edges
 from .rollout import RolloutResult, edge_inputs, rollout
 from .sde import gaussian_log_prob, sde_mean_std
@@ -151,6 +152,7 @@ class Trainer:
         rng = np.random.default_rng(0)
         vals = rng.standard_normal(tree.num_nodes)
         mask = select_trained_edges(tree, vals, vals, self.cfg, 0, np.random.default_rng(0))
+        mask &= survivor_edges(tree, spec)
         self.edges_per_iteration = int(mask.sum())
         return max(1, math.ceil(self.edges_per_iteration / self.cfg.optim.micro_batch))
 
@@ -234,12 +236,27 @@ class Trainer:
                           negative_embeds=neg, guidance_scale=cfg.rollout.guidance_scale,
                           frontier_batch=cfg.rollout.frontier_batch, store_on_cpu=cfg.rollout.store_on_cpu,
                           reward_on=cfg.rollout.reward_on, device=self.dist.device,
-                          logprob_reduce=cfg.objective.logprob_reduce)
+                          logprob_reduce=cfg.objective.logprob_reduce,
+                          prune_fn=preview_pruner(cfg.tree.prune_rule, spec, lambda trees, x0: self._preview_scores(
+                              [prompts[t] for t in trees], x0)) if spec.survivors else None)
         self.engine.module.train()
         res.prompts = prompts
         res.spec = spec
         res.embeds, res.negative = emb, neg
         return res
+
+    def _preview_scores(self, prompts: List[str], x0_hat: torch.Tensor) -> np.ndarray:
+        """Weighted reward of decoded one-step previews (Expand-and-Prune); a failed sample scores NaN."""
+        from .models.vae import decode_to_frames
+
+        with torch.no_grad():
+            frames = decode_to_frames(self.models.vae, x0_hat.to(self.dist.device),
+                                      batch_size=self.cfg.rollout.decode_batch).cpu()
+        scores = self._sp_shared(lambda: {k: v.detach().cpu() for k, v in self.reward(frames, prompts).items()})
+        total = np.zeros(len(prompts))
+        for k, opts in self.cfg.reward.components.items():
+            total = total + float(opts.get("weight", 1.0)) * scores[k].double().numpy()
+        return np.where(np.isfinite(total), total, np.nan)
 
     def _score(self, res: RolloutResult) -> Dict[str, np.ndarray]:
         """Decode the leaves and score them: {reward name: [N] node-length array, NaN off-leaf or on failure}."""
@@ -473,6 +490,7 @@ class Trainer:
         values, adv = assign_credit(res.tree, named, weights, cfg.credit)
         trained = select_trained_edges(res.tree, values, adv, cfg, it, np.random.default_rng([cfg.train.seed, it,
                                                                                                d.dp_rank, 0xED6E]))
+        trained &= survivor_edges(res.tree, res.spec)
         self._stats.trained_edges = int(trained.sum())
         phase("train")
         train_stats = self._train(it, res, adv, trained)

@@ -35,6 +35,8 @@ class Tree:
       sde     bool    the edge into the node is stochastic (has a log-prob)
       split   bool    the edge into the node is a split edge (its parent has several children)
       logp    float32 log-prob of the edge into the node, NaN where there is none (roots, ODE edges)
+      pruned  bool    the node was stopped at a checkpoint step (Expand-and-Prune): it has no children and is
+                      not a leaf, so it is never scored and its value is NaN (or None: no node was pruned)
     """
 
     tree: np.ndarray
@@ -45,6 +47,7 @@ class Tree:
     split: np.ndarray
     logp: np.ndarray
     num_trees: int
+    pruned: Optional[np.ndarray] = field(default=None, compare=False)
     _children: List[np.ndarray] | None = field(default=None, repr=False, compare=False)
 
     # ------------------------------------------------------------------------------------------------ construction
@@ -70,6 +73,8 @@ class Tree:
         self.split = np.concatenate([self.split, arr(split, bool)])
         lp = np.full(k, np.nan, np.float32) if logp is None else arr(logp, np.float32)
         self.logp = np.concatenate([self.logp, lp])
+        if self.pruned is not None:
+            self.pruned = np.concatenate([self.pruned, np.zeros(k, bool)])
         self._children = None
         return np.arange(n0, n0 + k)
 
@@ -91,9 +96,16 @@ class Tree:
 
     @property
     def is_leaf(self) -> np.ndarray:
+        """Nodes without children that were not pruned (the scored samples)."""
         has_child = np.zeros(self.num_nodes, bool)
         has_child[self.parent[self.parent >= 0]] = True
-        return ~has_child
+        return ~has_child if self.pruned is None else ~has_child & ~self.pruned
+
+    def mark_pruned(self, node_ids) -> None:
+        """Mark nodes as stopped at a checkpoint step (they must not get children afterwards)."""
+        if self.pruned is None:
+            self.pruned = np.zeros(self.num_nodes, bool)
+        self.pruned[np.asarray(node_ids, dtype=np.int64)] = True
 
     @property
     def is_root(self) -> np.ndarray:
@@ -159,6 +171,10 @@ class TreeSpec:
     eta           noise level of non-split SDE steps
     split_eta     noise level of split steps (None: ``eta``)
     shift         flow shift of the sigma schedule
+    survivors     ``((step, count), ...)``: checkpoint steps of Expand-and-Prune (ALGORITHMS.md section 7). Before
+                  ``step`` runs, each tree keeps ``count`` of its live nodes (chosen by a preview rule, see
+                  ``video_branch.ovf``) and the others stop. Counts come from the config, so every rank runs the same
+                  forward passes.
     """
 
     num_steps: int
@@ -172,6 +188,7 @@ class TreeSpec:
     eta: float = 0.3
     split_eta: Optional[float] = None
     shift: float = 3.0
+    survivors: Tuple[Tuple[int, int], ...] = ()
 
     def __post_init__(self) -> None:
         n = self.num_steps
@@ -207,6 +224,28 @@ class TreeSpec:
         object.__setattr__(self, "split_eta", float(split_eta))
         object.__setattr__(self, "correlation", float(self.correlation))
         object.__setattr__(self, "shift", float(self.shift))
+        object.__setattr__(self, "survivors", self._check_survivors())
+
+    def _check_survivors(self) -> Tuple[Tuple[int, int], ...]:
+        pairs = []
+        for item in self.survivors:
+            if len(item) != 2 or any(isinstance(v, bool) or not isinstance(v, (int, np.integer)) for v in item):
+                raise ValueError(f"TreeSpec.survivors: expected (step, count) integer pairs, got {self.survivors!r}")
+            pairs.append((int(item[0]), int(item[1])))
+        steps = [p[0] for p in pairs]
+        if steps != sorted(set(steps)) or any(not 1 <= st < self.num_steps for st in steps):
+            raise ValueError(f"TreeSpec.survivors: expected strictly increasing checkpoint steps in "
+                             f"[1, {self.num_steps - 1}] (a preview needs one evaluation before it), got {steps}")
+        counts = [self.roots]
+        for i in range(self.num_steps):
+            if i in dict(pairs):
+                keep = dict(pairs)[i]
+                if not 1 <= keep <= counts[-1]:
+                    raise ValueError(f"TreeSpec.survivors: {keep} survivors at step {i}, but a tree has "
+                                     f"{counts[-1]} live nodes there; expected 1..{counts[-1]}")
+                counts[-1] = keep
+            counts.append(counts[-1] * (self.branching if i in self.split_steps else 1))
+        return tuple(pairs)
 
     @classmethod
     def from_config(cls, cfg, iteration: int = 0) -> "TreeSpec":
@@ -220,6 +259,7 @@ class TreeSpec:
             num_steps=t.num_steps, roots=t.roots, split_steps=splits, branching=t.branching,
             split_noise=t.split_noise, correlation=t.correlation, kinds=kinds, sde_form=t.sde_form,
             eta=t.eta, split_eta=t.split_eta, shift=t.shift,
+            survivors=tuple(tuple(p) for p in getattr(t, "survivors", ())),
         )
 
     # --------------------------------------------------------------------------------------------- per step
@@ -240,12 +280,27 @@ class TreeSpec:
     def sde_steps(self) -> Tuple[int, ...]:
         return tuple(i for i, k in enumerate(self.kinds) if k == "sde")
 
+    def survivor_count(self, step: int) -> Optional[int]:
+        """Live nodes per tree kept before ``step`` runs, or None when ``step`` is not a checkpoint."""
+        return dict(self.survivors).get(step)
+
     def nodes_per_depth(self) -> np.ndarray:
-        """``[N + 1]`` int64: nodes of one tree at each depth (depth 0: the roots)."""
+        """``[N + 1]`` int64: nodes of one tree at each depth (depth 0: the roots), pruned ones included."""
         counts = [self.roots]
         for i in range(self.num_steps):
-            counts.append(counts[-1] * self.children_per_node(i))
+            counts.append(int(self.live_per_depth()[i]) * self.children_per_node(i))
         return np.asarray(counts, dtype=np.int64)
+
+    def live_per_depth(self) -> np.ndarray:
+        """``[N + 1]`` int64: nodes of one tree at each depth that go on (after a checkpoint's pruning); the last
+        entry is the number of leaves."""
+        live = [self.roots]
+        for i in range(self.num_steps):
+            keep = self.survivor_count(i)
+            if keep is not None:
+                live[-1] = keep
+            live.append(live[-1] * self.children_per_node(i))
+        return np.asarray(live, dtype=np.int64)
 
 
 def window_steps(window, num_steps: int, iteration: int, start: Optional[int] = None) -> range:
@@ -322,7 +377,16 @@ def build_structure(spec: TreeSpec, num_trees: int) -> Tree:
     t = Tree.empty(int(num_trees))
     frontier = t.add_nodes(tree=np.repeat(np.arange(num_trees), spec.roots), parent=-1, depth=0, step=-1,
                            sde=False, split=False)
+    if spec.survivors:
+        t.pruned = np.zeros(t.num_nodes, bool)
     for i in range(spec.num_steps):
+        keep = spec.survivor_count(i)
+        if keep is not None:
+            # The layout keeps the first `keep` live nodes of every tree; the rollout moves the chosen survivors
+            # into those positions, so the structure (and every count) is known before any data.
+            rank_in_tree = np.arange(frontier.size) - np.searchsorted(t.tree[frontier], t.tree[frontier])
+            t.mark_pruned(frontier[rank_in_tree >= keep])
+            frontier = frontier[rank_in_tree < keep]
         parents = np.repeat(frontier, spec.children_per_node(i))
         frontier = t.add_nodes(tree=t.tree[parents], parent=parents, depth=i + 1, step=i,
                                sde=spec.kinds[i] == "sde", split=spec.is_split(i))
@@ -332,14 +396,17 @@ def build_structure(spec: TreeSpec, num_trees: int) -> Tree:
 def accounting(spec: TreeSpec, guidance: bool = False) -> Dict[str, int]:
     """Per-prompt cost of ``spec``: ``leaves, forward_passes, edges, sde_edges``.
 
-    A step costs one model evaluation per parent node (a split step evaluates once and samples K children);
+    A step costs one model evaluation per parent node that goes on (a split step evaluates once and samples K
+    children; the nodes pruned at a checkpoint step are not evaluated again);
     classifier-free guidance doubles every evaluation.
     """
     n = spec.nodes_per_depth()
+    live = spec.live_per_depth()
     sde = np.asarray([k == "sde" for k in spec.kinds])
     return {
-        "leaves": int(n[-1]),
-        "forward_passes": int(n[:-1].sum()) * (2 if guidance else 1),
+        "leaves": int(live[-1]),
+        # Only nodes that go on are evaluated: a checkpoint's pruned nodes stop before its step.
+        "forward_passes": int(live[:-1].sum()) * (2 if guidance else 1),
         "edges": int(n[1:].sum()),
         "sde_edges": int(n[1:][sde].sum()),
     }
@@ -352,6 +419,7 @@ def count_trained_edges(cfg, spec: TreeSpec, iteration: int = 0, draws: int = 2)
     (ranks stay in step), so it is drawn ``draws`` times and a difference is an error.
     """
     from .pruning import select_trained_edges
+    from .ovf import survivor_edges
 
     structure = build_structure(spec, 1)
     counts = set()
@@ -360,6 +428,7 @@ def count_trained_edges(cfg, spec: TreeSpec, iteration: int = 0, draws: int = 2)
         values = rng.standard_normal(structure.num_nodes).astype(np.float32)
         advantages = rng.standard_normal(structure.num_nodes).astype(np.float32)
         mask = np.asarray(select_trained_edges(structure, values, advantages, cfg, iteration, rng))
+        mask = mask & survivor_edges(structure, spec)
         counts.add(int(np.count_nonzero(mask)))
     if len(counts) != 1:
         raise RuntimeError(f"the number of trained edges depends on the data ({sorted(counts)}); it must not")
@@ -376,6 +445,9 @@ def config_accounting(cfg, iteration: int = 0) -> Dict[str, Any]:
     out["guidance_scale"] = cfg.rollout.guidance_scale
     out["split_steps"] = list(spec.split_steps)
     out["sde_steps"] = list(spec.sde_steps)
+    if spec.survivors:
+        out["survivors"] = [list(p) for p in spec.survivors]
+        out["evaluated_per_step"] = spec.live_per_depth()[:-1].tolist()  # nodes evaluated at each step, per prompt
     return out
 
 

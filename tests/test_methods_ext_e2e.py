@@ -1,0 +1,61 @@
+"""Two-rank training runs of the presets added on top of the tree engine (Expand-and-Prune, LoRA, ...)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from video_branch.config import load_config
+from video_branch.tree import config_accounting
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+sys.path.insert(0, str(ROOT / "tests"))
+from test_train_e2e import launch, metrics  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    from video_branch.models.tiny import build_tiny_wan
+
+    d = tmp_path_factory.mktemp("tiny_ext")
+    build_tiny_wan(d / "model", seed=0)
+    (d / "train.txt").write_text("a red circle moving left\na blue square moving right\n")
+    (d / "heldout.txt").write_text("a red square moving down\n")
+    cfg = d / "c.yaml"
+    cfg.write_text(
+        f"""model: {{path: {d / 'model'}, max_sequence_length: 16}}
+video: {{num_frames: 5, height: 32, width: 32}}
+reward: {{components: {{temporal_consistency: {{weight: 1.0}}}}}}
+optim: {{micro_batch: 64, lr: 1.0e-4}}
+train: {{iterations: 2, prompt_file: {d / 'train.txt'}, checkpoint_every: 0}}
+eval: {{prompt_file: {d / 'heldout.txt'}, clips_per_prompt: 1, num_steps: 2}}
+logging: {{plot_every: 0, tensorboard: false}}
+"""
+    )
+    return d, cfg
+
+
+@pytest.mark.parametrize("method", ["pro_grpo", "branchgrpo_ovf"])
+def test_expand_and_prune_presets_train_two_iterations_on_two_ranks(tiny, tmp_path, method):
+    d, cfg = tiny
+    run = tmp_path / "run"
+    launch(cfg, f"method={method}", f"train.run_dir={run}", "train.dump_trees=true")
+    acc = config_accounting(load_config(cfg, [f"method={method}"]))
+    rows = metrics(run)
+    assert [r["iteration"] for r in rows] == [0, 1]
+    for r in rows:
+        assert r["forward_passes"] == acc["forward_passes"] and r["trained_edges"] == acc["trained_edges"]
+        assert r["ratio_max_dev"] < 1e-5 and np.isfinite(r["loss"])
+    for rank in (0, 1):
+        z = np.load(run / "trees" / f"iter_000001_rank{rank}.npz")
+        scored = np.isfinite(z["leaf_reward"])
+        assert int(scored.sum()) == acc["leaves"]  # only the survivors are scored
+        assert int(z["trained"].sum()) == acc["trained_edges"]
+        assert (z["advantage"][~np.isfinite(z["value"])] == 0).all()  # pruned nodes carry no signal
+    assert json.loads((run / "eval_after.json").read_text())["n"] == 1
