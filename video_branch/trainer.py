@@ -134,13 +134,17 @@ class Trainer:
         cfg, dev = self.cfg, self.dist.device
         m = load_wan(cfg.model.path, dtype=cfg.model.dtype, attention_backend=cfg.model.attention_backend,
                      gradient_checkpointing=cfg.model.gradient_checkpointing, device=dev)
+        if cfg.model.lora.rank > 0:
+            from .models.lora import apply_lora
+
+            m.transformer = apply_lora(m.transformer, cfg.model.lora)
         self.models = m
         self.encoder = PromptEncoder(m.text_encoder, m.tokenizer, max_sequence_length=cfg.model.max_sequence_length,
                                      device=dev)
         self.reward = build_from_config(cfg.reward.components, retries=cfg.reward.retries)
         self.latent_shape = latent_shape(cfg, m.vae)
         self.reference = None
-        if cfg.objective.kl_coef > 0:
+        if cfg.objective.kl_coef > 0 and cfg.model.lora.rank == 0:  # with LoRA: the disabled adapter, see below
             ref = load_wan(cfg.model.path, dtype=cfg.model.dtype, attention_backend=cfg.model.attention_backend,
                            device=dev, components=("transformer",)).transformer
             self.reference = ref.requires_grad_(False).eval()
@@ -192,6 +196,10 @@ class Trainer:
         for extra in (self.policy_copy, self.reference):
             if extra is not None:
                 enable_sequence_parallel(extra, self.dist.sp_group)
+        if cfg.objective.kl_coef > 0 and self.reference is None:
+            from .models.lora import AdapterDisabled
+
+            self.reference = AdapterDisabled(self.engine.module)  # the frozen base weights, no second copy
 
     # ------------------------------------------------------------------------------------------------ policy calls
     def rollout_module(self):

@@ -1,4 +1,7 @@
-"""Export a trained policy as a diffusers-format Wan directory (``final/``) that WanPipeline loads."""
+"""Export a trained policy as a diffusers-format Wan directory (``final/``) that WanPipeline loads.
+
+A LoRA policy is written twice: merged into ``final/transformer`` and as the adapter alone in ``final/lora`` (the
+file ``WanPipeline.load_lora_weights`` reads)."""
 
 from __future__ import annotations
 
@@ -21,6 +24,9 @@ def export_pipeline_dir(trainer, out: Path) -> Path:
     """
     import deepspeed
 
+    from .lora import (adapter_metadata, diffusers_lora_state, is_lora, lora_scale, merged_transformer,
+                       save_diffusers_lora)
+
     out = Path(out)
     src = Path(trainer.cfg.model.path)
     tmp = out.with_name(out.name + ".partial")
@@ -33,8 +39,10 @@ def export_pipeline_dir(trainer, out: Path) -> Path:
     with deepspeed.zero.GatheredParameters(params, modifier_rank=None, enabled=trainer.cfg.parallel.zero_stage == 3):
         if rank0:
             target = module
-            if hasattr(module, "merge_and_unload"):  # a peft-wrapped model: write merged weights
-                target = module.merge_and_unload(progressbar=False, safe_merge=True)
+            if is_lora(module):  # merged weights in transformer/, the adapter alone in lora/ (diffusers' format)
+                state = {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+                save_diffusers_lora(diffusers_lora_state(module), adapter_metadata(module), tmp / "lora")
+                target = merged_transformer(module, state, lora_scale(trainer.cfg.model.lora))
             target.save_pretrained(tmp / "transformer", safe_serialization=True)
     _barrier()
     if rank0:
