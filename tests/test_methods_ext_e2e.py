@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -16,7 +15,7 @@ from video_branch.tree import config_accounting
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 sys.path.insert(0, str(ROOT / "tests"))
-from test_train_e2e import launch, metrics  # noqa: E402
+from test_train_e2e import launch, metrics
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +42,7 @@ logging: {{plot_every: 0, tensorboard: false}}
 
 @pytest.mark.parametrize("method", ["pro_grpo", "branchgrpo_ovf"])
 def test_expand_and_prune_presets_train_two_iterations_on_two_ranks(tiny, tmp_path, method):
-    d, cfg = tiny
+    _, cfg = tiny
     run = tmp_path / "run"
     launch(cfg, f"method={method}", f"train.run_dir={run}", "train.dump_trees=true")
     acc = config_accounting(load_config(cfg, [f"method={method}"]))
@@ -86,3 +85,15 @@ def test_lora_run_exports_weights_that_change_a_wan_pipeline(tiny, tmp_path):
     assert np.abs(adapted - base).max() > 1e-5
     merged = frames(diffusers.WanPipeline.from_pretrained(str(run / "final")))
     assert np.allclose(merged, adapted, atol=1e-4)
+
+
+def test_grpo_guard_option_runs_with_several_updates_per_rollout(tiny, tmp_path):
+    _, cfg = tiny
+    run = tmp_path / "run"
+    launch(cfg, "method=dancegrpo", "tree.roots=4", "tree.num_steps=4", "objective.ratio_norm=true",
+           "optim.updates_per_iteration=2", "optim.micro_batch=4", f"train.run_dir={run}")
+    rows = metrics(run)
+    assert [r["iteration"] for r in rows] == [0, 1]
+    for r in rows:
+        assert r["ratio_max_dev"] < 1e-5  # normalised ratio is exactly 1 on-policy (mean_new == mean_old)
+        assert r["ratio_max_dev_all"] > 0 and np.isfinite(r["loss"])  # the second update sees moved weights

@@ -301,6 +301,7 @@ class Trainer:
         ratio_dev_first, losses, clipfr, kls, ratio_dev_all, skipped = float("nan"), [], [], [], 0.0, 0
         grad_norm = float("nan")
         n_back = skipped_updates = 0
+        old_means: Dict[int, torch.Tensor] = {}
         for update in range(cfg.optim.updates_per_iteration):
             order = edges[torch.randperm(edges.size, generator=gen).numpy()] if update else edges
             chunks = np.array_split(order, self.n_micro)
@@ -322,7 +323,12 @@ class Trainer:
                         mean_ref, _ = sde_mean_std(form, x, v_ref, s, s_next, eta, s_cap)
                 mean_old = None
                 if cfg.objective.ratio_norm:
-                    mean_old = inp["mean_old"].to(self.dist.device) if "mean_old" in inp else mean.detach()
+                    # The first update runs on the rollout's weights (DeepSpeed steps at the accumulation boundary),
+                    # so its means are the old policy's; later updates reuse them.
+                    if update == 0:
+                        for e, m_old in zip(ids.tolist(), mean.detach().cpu()):
+                            old_means[e] = m_old
+                    mean_old = torch.stack([old_means[e] for e in ids.tolist()]).to(mean)
                 out = self.objective(logp, logp_old, torch.as_tensor(adv[ids], dtype=torch.float32,
                                                                      device=self.dist.device),
                                      clip_eps=cfg.objective.clip_eps, kl_coef=cfg.objective.kl_coef,
