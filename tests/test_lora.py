@@ -7,8 +7,15 @@ import pytest
 import torch
 
 from video_branch.config import LoraConfig
-from video_branch.models.lora import (AdapterDisabled, adapter_metadata, apply_lora, diffusers_lora_state, lora_scale,
-                                      merged_transformer, save_diffusers_lora)
+from video_branch.models.lora import (
+    AdapterDisabled,
+    adapter_metadata,
+    apply_lora,
+    diffusers_lora_state,
+    lora_scale,
+    merged_transformer,
+    save_diffusers_lora,
+)
 from video_branch.models.wan import velocity
 
 

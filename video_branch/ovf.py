@@ -12,14 +12,14 @@ Advantages use the survivors only: pruned nodes are not leaves, are never scored
 from __future__ import annotations
 
 import difflib
-from typing import Callable, Dict
+from collections.abc import Callable
 
 import numpy as np
 
 from .tree import Tree, TreeSpec
 
 PruneRule = Callable[[np.ndarray, int], np.ndarray]
-_RULES: Dict[str, PruneRule] = {}
+_RULES: dict[str, PruneRule] = {}
 
 
 def register_prune_rule(name: str):

@@ -10,7 +10,6 @@ it is the same module evaluated with the adapter disabled, i.e. the frozen base 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Dict
 
 import torch
 
@@ -61,7 +60,7 @@ class AdapterDisabled(torch.nn.Module):
             return self.module(*args, **kwargs)
 
 
-def diffusers_lora_state(module: torch.nn.Module) -> Dict[str, torch.Tensor]:
+def diffusers_lora_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The adapter weights with diffusers' transformer keys (``blocks.0.attn1.to_q.lora_A.weight``), on the CPU."""
     from peft import get_peft_model_state_dict
 
@@ -80,7 +79,7 @@ def adapter_metadata(module: torch.nn.Module) -> dict:
             "bias": "none", "init_lora_weights": True}
 
 
-def save_diffusers_lora(state: Dict[str, torch.Tensor], metadata: dict, out_dir: str | Path) -> Path:
+def save_diffusers_lora(state: dict[str, torch.Tensor], metadata: dict, out_dir: str | Path) -> Path:
     """Write ``out_dir/pytorch_lora_weights.safetensors`` as ``WanPipeline.save_lora_weights`` does."""
     from diffusers import WanPipeline
 
@@ -91,7 +90,7 @@ def save_diffusers_lora(state: Dict[str, torch.Tensor], metadata: dict, out_dir:
     return out_dir / LORA_WEIGHT_NAME
 
 
-def merged_transformer(module: torch.nn.Module, state: Dict[str, torch.Tensor], scale: float) -> torch.nn.Module:
+def merged_transformer(module: torch.nn.Module, state: dict[str, torch.Tensor], scale: float) -> torch.nn.Module:
     """A plain transformer (the base class, base config) holding ``W + scale * B @ A`` from a peft ``state``."""
     from ..sampling import merge_lora_state
 
