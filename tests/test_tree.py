@@ -66,8 +66,10 @@ def test_structure_agrees_with_accounting_for_every_preset(method):
     assert len(t.leaves()) == 3 * acc["leaves"]
     assert int((t.parent >= 0).sum()) == 3 * acc["edges"]
     assert int(t.sde.sum()) == 3 * acc["sde_edges"]
-    assert int((t.depth < spec.num_steps).sum()) == 3 * acc["forward_passes"]
-    assert acc["leaves"] == spec.roots * spec.branching ** len(spec.split_steps)
+    pruned = t.pruned if t.pruned is not None else np.zeros(t.num_nodes, bool)
+    assert int(((t.depth < spec.num_steps) & ~pruned).sum()) == 3 * acc["forward_passes"]
+    assert acc["leaves"] == (spec.roots * spec.branching ** len(spec.split_steps) if not spec.survivors
+                             else int(spec.live_per_depth()[-1]))
     # Trees are contiguous per depth and parents precede children.
     for d in range(spec.num_steps + 1):
         assert np.all(np.diff(t.tree[t.at_depth(d)]) >= 0)
