@@ -7,7 +7,7 @@ the trainer excludes NaN samples.
 
 The output dict holds, for each component ``name``, its primary score under ``name`` and every score it returned
 under ``name/<key>``. The primary score is the output ``key`` given in the component's config, or else the only
-output, or the output named like the reward, or ``Overall``. ``weighted_sum`` combines primary scores with the
+output, or the output named like the reward, or ``overall`` / ``Overall``. ``weighted_sum`` combines primary scores with the
 component weights (ALGORITHMS.md section 3, default mode); normalising each reward first is the credit module's job.
 """
 
@@ -55,7 +55,7 @@ def _primary_key(name: str, keys: List[str], key: Optional[str]) -> str:
         return key
     if len(keys) == 1:
         return keys[0]
-    for cand in (name, "Overall"):
+    for cand in (name, "overall", "Overall"):
         if cand in keys:
             return cand
     raise RewardOutputError(f"reward '{name}' returns {keys}: set 'key' in its config to pick the score to weight")

@@ -48,6 +48,8 @@ class ModelConfig:
     attention_backend: Literal["native", "xformers", "flash"] = _f("native", help="native on CPU; xformers/flash need a GPU")
     gradient_checkpointing: bool = _f(False, help="activation checkpointing in the transformer blocks")
     max_sequence_length: int = _f(512, help="text tokens per prompt", min=1)
+    text_pad_to: int = _f(0, help="cross-attend as if prompts were zero-padded to this many tokens (exact; "
+                          "WanPipeline pads to 512) while encoding only max_sequence_length; 0 = off", min=0)
     lora: LoraConfig = _f(factory=LoraConfig)
 
 
@@ -138,6 +140,12 @@ class ObjectiveConfig:
     kl_coef: float = _f(0.0, help="KL to the frozen reference", min=0.0)
     ratio_norm: bool = _f(False, help="GRPO-Guard ratio normalisation")
     logprob_reduce: Literal["mean", "sum"] = _f("mean", help="reduction of the transition log-prob over elements")
+    pairs: int = _f(4, help="sample-level objectives (vgrpo, nft): (t, eps) pairs per final sample, shared by the "
+                    "samples of a prompt, t stratified over [0, 1)", min=1)
+    nft_beta: float = _f(1.0, help="nft: b of the implicit policies v+ = b v + (1-b) v_old, v- = (1+b) v_old - b v",
+                         min=0.0)
+    ema_decay: float = _f(0.9, help="nft: decay of the old policy, an EMA of the trained weights updated after each "
+                          "optimizer step", min=0.0, max=1.0)
 
 
 @dataclass

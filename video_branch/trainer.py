@@ -29,9 +29,10 @@ from .config import Config
 from .credit import assign_credit, leaf_vector
 from .data import iteration_prompts, read_prompts, tree_seed
 from .logging import RunLogger
-from .objectives import get_objective
+from .objectives import get_objective, objective_info
 from .parallel.groups import Dist, init_distributed
 from .ovf import preview_pruner, survivor_edges
+from .phases import get_phase, register_phase
 from .pruning import select_trained_edges
 from .rollout import RolloutResult, edge_inputs, rollout
 from .sde import gaussian_log_prob, sde_mean_std
@@ -76,6 +77,7 @@ class IterationStats:
     forward_passes: int = 0
     backward_calls: int = 0
     trained_edges: int = 0
+    trained_samples: int = 0
 
 
 def latent_shape(cfg: Config, vae) -> tuple:
@@ -121,7 +123,7 @@ class Trainer:
             d = self.dist
             print(f"video_branch: method {cfg.method}, world {d.world_size} = {d.dp_size} data-parallel x "
                   f"{d.sp_size} sequence-parallel (Ulysses {'on' if self.sp.active else 'off'}), ZeRO stage "
-                  f"{cfg.parallel.zero_stage}, {self.edges_per_iteration} trained edges in {self.n_micro} micro-batches "
+                  f"{cfg.parallel.zero_stage}, {self.train_units} in {self.n_micro} micro-batches "
                   f"per update, device {d.device}", flush=True)
 
     # ------------------------------------------------------------------------------------------------ set-up
@@ -134,6 +136,10 @@ class Trainer:
         cfg, dev = self.cfg, self.dist.device
         m = load_wan(cfg.model.path, dtype=cfg.model.dtype, attention_backend=cfg.model.attention_backend,
                      gradient_checkpointing=cfg.model.gradient_checkpointing, device=dev)
+        if cfg.model.text_pad_to:
+            from .models.text_padding import enable_padded_text
+
+            enable_padded_text(m.transformer, cfg.model.text_pad_to)
         if cfg.model.lora.rank > 0:
             from .models.lora import apply_lora
 
@@ -147,6 +153,8 @@ class Trainer:
         if cfg.objective.kl_coef > 0 and cfg.model.lora.rank == 0:  # with LoRA: the disabled adapter, see below
             ref = load_wan(cfg.model.path, dtype=cfg.model.dtype, attention_backend=cfg.model.attention_backend,
                            device=dev, components=("transformer",)).transformer
+            if cfg.model.text_pad_to:
+                enable_padded_text(ref, cfg.model.text_pad_to)
             self.reference = ref.requires_grad_(False).eval()
 
     def _micro_batches_per_update(self) -> int:
@@ -158,6 +166,7 @@ class Trainer:
         mask = select_trained_edges(tree, vals, vals, self.cfg, 0, np.random.default_rng(0))
         mask &= survivor_edges(tree, spec)
         self.edges_per_iteration = int(mask.sum())
+        self.train_units = f"{self.edges_per_iteration} trained edges"
         return max(1, math.ceil(self.edges_per_iteration / self.cfg.optim.micro_batch))
 
     def _build_engine(self) -> None:
@@ -165,7 +174,10 @@ class Trainer:
 
         cfg = self.cfg
         ds_config = json.loads(Path(cfg.parallel.ds_config).read_text())
-        self.n_micro = self._micro_batches_per_update()
+        self.objective = get_objective(cfg.objective.name)
+        info = objective_info(cfg.objective.name)
+        self.training_phase = get_phase(info.unit)
+        self.n_micro = self.training_phase.micro_batches(self)
         ds_config["train_micro_batch_size_per_gpu"] = 1
         ds_config["gradient_accumulation_steps"] = self.n_micro
         ds_config["train_batch_size"] = self.n_micro * self.dist.world_size
@@ -178,6 +190,8 @@ class Trainer:
         self.policy_copy = None
         if cfg.rollout.gathered_weights:
             self.policy_copy = copy.deepcopy(model).requires_grad_(False).eval()
+        # Full copies an objective keeps (DiffusionNFT's EMA old policy), taken before ZeRO-3 partitions the weights.
+        self.copies = {name: copy.deepcopy(model).requires_grad_(False).eval() for name in info.copies}
         params = [p for p in model.parameters() if p.requires_grad]
         # A torch optimizer object: DeepSpeed's own AdamW would JIT-compile FusedAdam (minutes on CPU).
         optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
@@ -188,12 +202,11 @@ class Trainer:
             model=model, optimizer=optimizer, lr_scheduler=sched, config=ds_config,
             dist_init_required=False,
         )
-        self.objective = get_objective(cfg.objective.name)
         # Sequence parallelism goes on after every deepcopy of the transformer (its hooks hold process groups).
         from .parallel.ulysses import enable_sequence_parallel
 
         self.sp = enable_sequence_parallel(self.engine.module, self.dist.sp_group)
-        for extra in (self.policy_copy, self.reference):
+        for extra in (self.policy_copy, self.reference, *self.copies.values()):
             if extra is not None:
                 enable_sequence_parallel(extra, self.dist.sp_group)
         if cfg.objective.kl_coef > 0 and self.reference is None:
@@ -413,7 +426,8 @@ class Trainer:
     def _check_lockstep(self, iteration: int) -> None:
         check_lockstep(iteration, {"forward passes": self._stats.forward_passes,
                                    "backward calls": self._stats.backward_calls,
-                                   "trained edges": self._stats.trained_edges})
+                                   "trained edges": self._stats.trained_edges,
+                                   "trained samples": self._stats.trained_samples})
 
     def _all_mean(self, values: Dict[str, float]) -> Dict[str, float]:
         """Average over ranks (NaN-aware: a rank with no valid value does not count)."""
@@ -507,7 +521,7 @@ class Trainer:
         trained &= survivor_edges(res.tree, res.spec)
         self._stats.trained_edges = int(trained.sum())
         phase("train")
-        train_stats = self._train(it, res, adv, trained)
+        train_stats = self.training_phase.train(self, it, res, adv, trained)
         t3 = time.perf_counter()
         self._check_lockstep(it)
         if cfg.train.dump_trees:
@@ -524,6 +538,7 @@ class Trainer:
         row["invalid_leaves"] = row["invalid_leaves"] * d.dp_size  # a sum over data-parallel members, not a mean
         row.update(rollout_s=t1 - t0, reward_s=t2 - t1, train_s=t3 - t2, iter_s=time.perf_counter() - t0,
                    forward_passes=self._stats.forward_passes, trained_edges=self._stats.trained_edges,
+                   trained_samples=self._stats.trained_samples,
                    lr=float(self.engine.get_lr()[0]))
         return row
 
@@ -564,3 +579,6 @@ class Trainer:
         from .models.export import export_pipeline_dir
 
         return export_pipeline_dir(self, self.run_dir / "final")
+
+
+register_phase("edges", Trainer._micro_batches_per_update, Trainer._train)
