@@ -97,3 +97,37 @@ def test_grpo_guard_option_runs_with_several_updates_per_rollout(tiny, tmp_path)
     for r in rows:
         assert r["ratio_max_dev"] < 1e-5  # normalised ratio is exactly 1 on-policy (mean_new == mean_old)
         assert r["ratio_max_dev_all"] > 0 and np.isfinite(r["loss"])  # the second update sees moved weights
+
+
+def _max_weight_change(final: Path, base: Path) -> float:
+    from safetensors.torch import load_file
+
+    name = "transformer/diffusion_pytorch_model.safetensors"
+    a, b = load_file(str(final / name)), load_file(str(base / name))
+    return max(float((a[k].float() - b[k].float()).abs().max()) for k in b)
+
+
+@pytest.mark.parametrize("method", ["vgrpo", "nft"])
+def test_sample_level_presets_train_two_iterations_on_two_ranks_of_the_embedded_default(tmp_path, method):
+    """V-GRPO and DiffusionNFT train on final ODE samples: no edge is trained, every leaf is (the accounting's
+    trained samples), and the weights move. Two updates per rollout show V-GRPO's ratio leaving 1 after an update."""
+    config = ROOT / "configs" / "tiny" / f"{method}.yaml"
+    shrink = ["train.iterations=2", "train.checkpoint_every=0", "eval.num_prompts=1", "eval.clips_per_prompt=1",
+              "eval.num_steps=2", "logging.plot_every=0", "logging.tensorboard=false", "tree.roots=4",
+              "tree.num_steps=4", "optim.micro_batch=8", "optim.updates_per_iteration=2"]
+    run = tmp_path / "run"
+    launch(config, *shrink, f"train.run_dir={run}")
+    acc = config_accounting(load_config(config, shrink))
+    assert acc["trained_edges"] == 0 and acc["trained_samples"] == acc["leaves"] == 4
+    rows = metrics(run)
+    assert [r["iteration"] for r in rows] == [0, 1]
+    for r in rows:
+        assert r["forward_passes"] == acc["forward_passes"] == 16
+        assert r["trained_edges"] == 0 and r["trained_samples"] == acc["trained_samples"]
+        assert np.isfinite(r["loss"]) and r["grad_norm"] > 0 and r["skipped_updates"] == 0
+        if method == "vgrpo":
+            assert r["ratio_max_dev"] < 1e-5  # L_old and L_theta agree before the first update
+            assert r["ratio_max_dev_all"] > 0  # the second update sees moved weights
+        else:
+            assert r["ratio_max_dev"] is None  # DiffusionNFT has no likelihood ratio
+    assert _max_weight_change(run / "final", ROOT / "assets" / "toy_wan") > 0

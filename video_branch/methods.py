@@ -163,3 +163,21 @@ register_preset(
     "BranchGRPO with preview-OVF at the split points: 4 children per split, and before the splits at steps 3, 6 "
     "and 9 the frontier is cut to 2, 4 and 4 nodes by OVF of their x0_hat previews' rewards (16 leaves).",
 )
+
+# ------------------------------------------------------------------------------------------------ sample-level methods
+# The whole generation is one action: rollouts are ODE chains (no SDE edge is trained) and the objective trains on the
+# final samples through noised (t, eps) pairs (video_branch.phases, "samples").
+_ODE_GROUP = _with(_DANCE, tree={"base_kind": "ode"}, prune={"timestep_fraction": 1.0, "exclude_last_step": False})
+register_preset(
+    "vgrpo",
+    _with(_ODE_GROUP, objective={"name": "vgrpo", "clip_eps": 1e-4, "kl_coef": 0.0, "pairs": 4}),
+    "V-GRPO: 16 ODE chains of 20 steps per prompt, each final sample one action; ELBO surrogate over 4 (t, eps) "
+    "pairs shared by the group (stratified t, adaptive weights), ratio exp(L_old - L), clip 1e-4, advantages "
+    "soft-clipped by 3 tanh(A/3).",
+)
+register_preset(
+    "nft",
+    _with(_ODE_GROUP, objective={"name": "nft", "kl_coef": 0.0, "pairs": 4, "nft_beta": 1.0, "ema_decay": 0.9}),
+    "DiffusionNFT: 16 ODE chains of 20 steps per prompt; forward-process loss on the final samples over 4 shared "
+    "(t, eps) pairs with implicit positive/negative policies (b = 1) around an EMA old policy (decay 0.9).",
+)

@@ -1,25 +1,41 @@
-"""Policy objectives over trained edges, looked up by name (``objective.name``).
+"""Policy objectives, looked up by name (``objective.name``), each with the unit it trains on.
 
-An objective maps per-edge tensors to a scalar loss plus statistics. The clipped-ratio objective of ALGORITHMS.md
-section 5 is the default; GRPO-Guard ratio normalisation and the KL to a frozen reference are options of it.
+An edge objective (unit ``"edges"``) maps per-edge tensors to a scalar loss plus statistics. The clipped-ratio
+objective of ALGORITHMS.md section 5 is the default; GRPO-Guard ratio normalisation and the KL to a frozen reference
+are options of it. A sample objective (unit ``"samples"``, ALGORITHMS.md section 8: V-GRPO, DiffusionNFT) trains on
+the final samples of the rollout through noised (t, eps) pairs; the trainer's training phase of that unit
+(``video_branch.phases``) drives it.
 """
 
 from __future__ import annotations
 
 import difflib
 from dataclasses import dataclass
-from typing import Callable, Dict, Optional
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
 
 _OBJECTIVES: Dict[str, Callable[..., "ObjectiveOut"]] = {}
+_INFO: Dict[str, "ObjectiveInfo"] = {}
+UNITS = ("edges", "samples")
 
 
-def register_objective(name: str):
+@dataclass(frozen=True)
+class ObjectiveInfo:
+    unit: str  # what the objective trains on: "edges" (SDE transitions) or "samples" (final latents)
+    copies: Tuple[str, ...] = ()  # frozen full copies of the policy the trainer keeps for it (e.g. "ema")
+
+
+def register_objective(name: str, unit: str = "edges", copies: Tuple[str, ...] = ()):
+    """Register a function (or a class, registered as its instance) under ``name``."""
+    if unit not in UNITS:
+        raise ValueError(f"objective '{name}': unit must be one of {UNITS}, got {unit!r}")
+
     def deco(fn):
         if name in _OBJECTIVES:
             raise ValueError(f"objective '{name}' is registered twice")
-        _OBJECTIVES[name] = fn
+        _OBJECTIVES[name] = fn() if isinstance(fn, type) else fn
+        _INFO[name] = ObjectiveInfo(unit, tuple(copies))
         return fn
 
     return deco
@@ -31,6 +47,11 @@ def get_objective(name: str):
         hint = f"; did you mean '{close[0]}'?" if close else ""
         raise KeyError(f"config key 'objective.name': unknown objective '{name}'{hint}. Accepted: {sorted(_OBJECTIVES)}")
     return _OBJECTIVES[name]
+
+
+def objective_info(name: str) -> ObjectiveInfo:
+    get_objective(name)
+    return _INFO[name]
 
 
 @dataclass
@@ -91,3 +112,100 @@ def clipped_ratio(
         loss = loss + kl_coef * kl
     frac = ((ratio - 1.0).abs() > clip_eps).float().mean()
     return ObjectiveOut(loss=loss, ratio=ratio.detach(), clipped_frac=frac.detach(), kl=kl.detach())
+
+
+# ------------------------------------------------------------------------------------------------ sample objectives
+@dataclass
+class SampleBatch:
+    """One micro-batch of (sample, pair) items, sample-major: the ``pairs`` items of a sample are consecutive.
+
+    x0, eps, x_t: ``[B, ...]`` (B = samples x pairs); t, adv: ``[B]`` (the sample's advantage on each of its items).
+    """
+
+    x0: torch.Tensor
+    eps: torch.Tensor
+    t: torch.Tensor
+    x_t: torch.Tensor
+    adv: torch.Tensor
+    pairs: int
+
+
+class SampleObjective:
+    """A sample-level objective: what to keep from the old policy, and the loss against it.
+
+    ``old_policy`` names the module of the old quantities: ``"rollout"`` (the weights the samples were drawn with) or
+    one of the registered ``copies``.
+    """
+
+    old_policy = "rollout"
+
+    def old(self, v_old: torch.Tensor, batch: SampleBatch, cfg: Any) -> Dict[str, torch.Tensor]:
+        """Per-item tensors (first dimension B) computed once, before the first update, without grad."""
+        raise NotImplementedError
+
+    def __call__(self, v: torch.Tensor, batch: SampleBatch, old: Dict[str, torch.Tensor], cfg: Any) -> ObjectiveOut:
+        raise NotImplementedError
+
+    def after_step(self, trainer) -> None:
+        """Called after each optimizer step."""
+
+
+@register_objective("vgrpo", unit="samples")
+class VGRPOObjective(SampleObjective):
+    """V-GRPO (ALGORITHMS.md section 8): ``rho = exp(L_old - L_theta)`` of the ELBO surrogate, clipped GRPO objective
+    on soft-clipped advantages, optional ``kl_coef * ||x0_hat_theta - x0_hat_old||^2``.
+
+    The adaptive weight of each pair is taken from the old policy's error and reused for ``L_theta``, so both
+    surrogates weight a pair the same and the ratio compares likelihoods only.
+    """
+
+    def old(self, v_old, batch, cfg):
+        from .surrogate import pair_errors
+
+        err, w = pair_errors(v_old, batch.x0.to(v_old.device), batch.eps.to(v_old.device))
+        out = {"error": err, "weight": w}
+        if cfg.objective.kl_coef > 0:
+            out["v"] = v_old
+        return out
+
+    def __call__(self, v, batch, old, cfg):
+        from .surrogate import pair_errors, surrogate_loss, vgrpo_loss, x0_kl
+
+        dev = v.device
+        err, _ = pair_errors(v, batch.x0.to(dev), batch.eps.to(dev), weight=old["weight"].to(dev))
+        m = batch.pairs
+        loss, ratio, frac = vgrpo_loss(surrogate_loss(err, m), surrogate_loss(old["error"].to(dev), m),
+                                       batch.adv.to(dev).view(-1, m)[:, 0], cfg.objective.clip_eps)
+        kl = torch.zeros((), dtype=torch.float32, device=dev)
+        if cfg.objective.kl_coef > 0:
+            kl = x0_kl(batch.x_t.to(dev), batch.t.to(dev), v, old["v"])
+            loss = loss + cfg.objective.kl_coef * kl
+        return ObjectiveOut(loss=loss, ratio=ratio, clipped_frac=frac, kl=kl.detach())
+
+
+@register_objective("nft", unit="samples", copies=("ema",))
+class NFTObjective(SampleObjective):
+    """DiffusionNFT (ALGORITHMS.md section 8) against an exponential moving average of the policy.
+
+    It has no likelihood ratio: ``ratio`` is empty and ``clipped_frac`` 0.
+    """
+
+    old_policy = "ema"
+
+    def old(self, v_old, batch, cfg):
+        return {"v": v_old}
+
+    def __call__(self, v, batch, old, cfg):
+        from .nft import nft_loss, optimality_probability
+
+        dev = v.device
+        r = optimality_probability(batch.adv.to(dev), cfg.credit.adv_clip)
+        loss = nft_loss(batch.x_t.to(dev), batch.t.to(dev), batch.x0.to(dev), v, old["v"].to(dev), r,
+                        cfg.objective.nft_beta).mean()
+        zero = torch.zeros((), dtype=torch.float32, device=dev)
+        return ObjectiveOut(loss=loss, ratio=torch.zeros(0, device=dev), clipped_frac=zero, kl=zero)
+
+    def after_step(self, trainer) -> None:
+        from .phases import ema_step
+
+        ema_step(trainer, "ema", trainer.cfg.objective.ema_decay)

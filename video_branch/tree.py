@@ -435,6 +435,13 @@ def count_trained_edges(cfg, spec: TreeSpec, iteration: int = 0, draws: int = 2)
     return counts.pop()
 
 
+def count_trained_samples(cfg, spec: TreeSpec) -> int:
+    """Final samples trained per prompt: every leaf for a sample-level objective (V-GRPO, DiffusionNFT), else 0."""
+    from .objectives import objective_info
+
+    return int(spec.live_per_depth()[-1]) if objective_info(cfg.objective.name).unit == "samples" else 0
+
+
 def config_accounting(cfg, iteration: int = 0) -> Dict[str, Any]:
     """Per-prompt accounting of a resolved config at ``iteration`` (forward passes count CFG when enabled)."""
     spec = TreeSpec.from_config(cfg, iteration)
@@ -442,6 +449,7 @@ def config_accounting(cfg, iteration: int = 0) -> Dict[str, Any]:
     out: Dict[str, Any] = {"method": cfg.method, "iteration": int(iteration)}
     out.update(accounting(spec, guidance))
     out["trained_edges"] = count_trained_edges(cfg, spec, iteration)
+    out["trained_samples"] = count_trained_samples(cfg, spec)
     out["guidance_scale"] = cfg.rollout.guidance_scale
     out["split_steps"] = list(spec.split_steps)
     out["sde_steps"] = list(spec.sde_steps)
@@ -455,7 +463,8 @@ def config_accounting(cfg, iteration: int = 0) -> Dict[str, Any]:
 _COLUMNS = (
     ("method", "method", "{}"), ("leaves", "leaves", "{}"), ("forward_passes", "fwd passes", "{}"),
     ("fwd_per_leaf", "fwd/leaf", "{:.2f}"), ("edges", "edges", "{}"), ("sde_edges", "sde edges", "{}"),
-    ("trained_edges", "trained", "{}"), ("trained_per_leaf", "trained/leaf", "{:.3f}"), ("sde_steps", "sde steps", "{}"),
+    ("trained_edges", "trained", "{}"), ("trained_per_leaf", "trained/leaf", "{:.3f}"), ("trained_samples", "trained samples", "{}"),
+    ("sde_steps", "sde steps", "{}"),
 )
 
 

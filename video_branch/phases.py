@@ -1,0 +1,202 @@
+"""Training phases of the trainer, keyed by the unit an objective trains on (``objective_info(name).unit``).
+
+A phase has two parts: ``micro_batches(trainer)``, the number of backward micro-batches per update from the config
+alone (it also records the iteration's trained units on the trainer), and ``train(trainer, iteration, res, adv,
+trained)``, which runs the updates of one iteration and returns their statistics. ``"edges"`` (SDE transitions) is
+the trainer's own ``_train``; ``"samples"`` (this module) trains on the rollout's final latents: V-GRPO, DiffusionNFT.
+
+The sample phase, per iteration:
+
+- every prompt (tree) draws ``objective.pairs`` (t, eps) pairs, stratified in t, from a generator seeded by
+  (train.seed, iteration, dp_rank, tree): the samples of a prompt share them and the ranks of an SP group agree;
+- items are (sample, pair), sample-major; a micro-batch holds whole samples, ``max(1, optim.micro_batch // pairs)``
+  at most, so the number of micro-batches is fixed by the config;
+- the old quantities (the objective's ``old``) are computed before the first update, without grad, on the
+  objective's old policy (the rollout's weights, or a kept copy such as the EMA of DiffusionNFT);
+- each update runs the micro-batches (samples reshuffled after the first update), with the same non-finite-loss
+  skip as the edge phase, and calls the objective's ``after_step`` after each optimizer step.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Dict
+
+import numpy as np
+import torch
+
+from .objectives import SampleBatch
+from .surrogate import draw_pairs, noised, pair_generator
+
+
+@dataclass(frozen=True)
+class Phase:
+    micro_batches: Callable  # (trainer) -> int
+    train: Callable  # (trainer, iteration, res, adv, trained) -> Dict[str, float]
+
+
+_PHASES: Dict[str, Phase] = {}
+
+
+def register_phase(unit: str, micro_batches: Callable, train: Callable) -> None:
+    if unit in _PHASES:
+        raise ValueError(f"training phase '{unit}' is registered twice")
+    _PHASES[unit] = Phase(micro_batches, train)
+
+
+def get_phase(unit: str) -> Phase:
+    if unit not in _PHASES:
+        raise KeyError(f"no training phase for objectives of unit '{unit}'; registered: {sorted(_PHASES)}")
+    return _PHASES[unit]
+
+
+# ------------------------------------------------------------------------------------------------ samples
+def samples_per_micro_batch(cfg) -> int:
+    """Whole samples per micro-batch: ``optim.micro_batch`` counts model inputs, a sample brings ``pairs`` of them."""
+    return max(1, cfg.optim.micro_batch // cfg.objective.pairs)
+
+
+def trained_samples(cfg, iteration: int = 0) -> int:
+    """Final samples trained per prompt: the leaves of the tree."""
+    from .tree import TreeSpec, accounting
+
+    return accounting(TreeSpec.from_config(cfg, iteration))["leaves"]
+
+
+def _sample_micro_batches(trainer) -> int:
+    cfg = trainer.cfg
+    trainer.samples_per_iteration = trained_samples(cfg) * cfg.train.prompts_per_rank
+    trainer.edges_per_iteration = 0
+    trainer.train_units = f"{trainer.samples_per_iteration} trained samples x {cfg.objective.pairs} pairs"
+    return math.ceil(trainer.samples_per_iteration / samples_per_micro_batch(cfg))
+
+
+class _Items:
+    """Builds the (sample, pair) items of chosen samples from the leaves and the groups' pairs."""
+
+    def __init__(self, trainer, iteration: int, res, adv: np.ndarray):
+        cfg, d = trainer.cfg, trainer.dist
+        self.m = cfg.objective.pairs
+        leaves = res.tree.leaves()
+        self.trees = res.tree.tree[leaves]
+        self.x0 = res.leaf_latents
+        self.adv = torch.as_tensor(np.nan_to_num(adv[leaves]), dtype=torch.float32)
+        shape = tuple(self.x0.shape[1:])
+        self.pairs = {int(j): draw_pairs(self.m, shape, pair_generator(cfg.train.seed, iteration, d.dp_rank, int(j)))
+                      for j in np.unique(self.trees)}
+        self.embeds = res.embeds
+
+    def __call__(self, ids: np.ndarray, device) -> tuple[SampleBatch, torch.Tensor]:
+        m = self.m
+        x0 = self.x0[torch.as_tensor(ids)].repeat_interleave(m, 0).float()
+        t = torch.cat([self.pairs[int(self.trees[i])][0] for i in ids])
+        eps = torch.cat([self.pairs[int(self.trees[i])][1] for i in ids])
+        batch = SampleBatch(x0=x0.to(device), eps=eps.to(device), t=t.to(device),
+                            x_t=noised(x0, eps, t).to(device),
+                            adv=self.adv[torch.as_tensor(ids)].repeat_interleave(m).to(device), pairs=m)
+        emb = self.embeds[torch.as_tensor(self.trees[ids])].repeat_interleave(m, 0).to(device)
+        return batch, emb
+
+
+def _item_index(ids: np.ndarray, m: int) -> torch.Tensor:
+    return torch.as_tensor((ids[:, None] * m + np.arange(m)[None, :]).reshape(-1))
+
+
+def _old_module(trainer):
+    name = trainer.objective.old_policy
+    if name == "rollout":
+        return trainer.policy_copy if trainer.policy_copy is not None else trainer.engine.module
+    return trainer.copies[name]
+
+
+def _train_samples(trainer, iteration: int, res, adv: np.ndarray, trained: np.ndarray) -> Dict[str, float]:
+    from .trainer import LockstepError, _zero_lr
+
+    cfg, obj, dev = trainer.cfg, trainer.objective, trainer.dist.device
+    n = res.leaf_latents.shape[0]
+    if n != trainer.samples_per_iteration:
+        raise LockstepError(f"iteration {iteration}: {n} final samples on rank {trainer.dist.rank}, expected "
+                            f"{trainer.samples_per_iteration} from the config")
+    items = _Items(trainer, iteration, res, adv)
+    chunks = np.array_split(np.arange(n), trainer.n_micro)
+
+    module = _old_module(trainer)
+    was_training = module.training
+    module.eval()
+    old_parts = []
+    with torch.no_grad():
+        for ids in chunks:
+            batch, emb = items(ids, dev)
+            v_old = trainer._velocity_cfg(module, batch.x_t, batch.t, emb, res.negative)
+            old_parts.append({k: v.detach().cpu() for k, v in obj.old(v_old, batch, cfg).items()})
+    module.train(was_training)
+    old = {k: torch.cat([p[k] for p in old_parts]) for k in old_parts[0]}
+
+    gen = torch.Generator().manual_seed(cfg.train.seed * 1000003 + iteration)
+    losses, clipfr, kls = [], [], []
+    ratio_dev_first, ratio_dev_all = float("nan"), float("nan")
+    grad_norm, skipped, skipped_updates, n_back = float("nan"), 0, 0, 0
+    for update in range(cfg.optim.updates_per_iteration):
+        order = torch.randperm(n, generator=gen).numpy() if update else np.arange(n)
+        update_skipped = False
+        for mb, ids in enumerate(np.array_split(order, trainer.n_micro)):
+            batch, emb = items(ids, dev)
+            idx = _item_index(ids, items.m)
+            v = trainer._velocity_cfg(trainer.engine, batch.x_t, batch.t, emb, res.negative)
+            out = obj(v, batch, {k: t[idx] for k, t in old.items()}, cfg)
+            if out.ratio.numel():
+                dev_mb = float((out.ratio - 1).abs().max())
+                if update == 0 and mb == 0:
+                    ratio_dev_first = dev_mb
+                ratio_dev_all = dev_mb if not np.isfinite(ratio_dev_all) else max(ratio_dev_all, dev_mb)
+            # Weight each micro-batch by its share of samples (DeepSpeed divides by the accumulation steps); SP
+            # ranks hold token shards of the same samples, as in the edge phase.
+            loss = out.loss * (len(ids) * trainer.n_micro / n) * trainer.sp.loss_scale
+            if trainer._any_rank(not bool(torch.isfinite(loss))):
+                skipped += 1
+                update_skipped = True
+                loss = trainer._zero_loss(batch.x_t[:1], batch.t[:1], emb[:1])
+            trainer.engine.backward(loss)
+            n_back += 1
+            last = mb == trainer.n_micro - 1
+            if last and update_skipped:
+                skipped_updates += 1
+                with _zero_lr(trainer.optimizer):
+                    trainer.engine.step()
+            else:
+                trainer.engine.step()
+            if last:
+                obj.after_step(trainer)
+            losses.append(float(out.loss.detach()))
+            clipfr.append(float(out.clipped_frac))
+            kls.append(float(out.kl))
+        gn = trainer.engine.get_global_grad_norm()
+        grad_norm = float(gn) if gn is not None else float("nan")
+    trainer._stats.backward_calls += n_back
+    trainer._stats.trained_samples = n
+    return {
+        "loss": float(np.mean(losses)), "grad_norm": grad_norm, "ratio_max_dev": ratio_dev_first,
+        "ratio_max_dev_all": ratio_dev_all, "clip_frac": float(np.mean(clipfr)), "kl": float(np.mean(kls)),
+        "skipped_micro_steps": skipped, "skipped_updates": skipped_updates,
+    }
+
+
+register_phase("samples", _sample_micro_batches, _train_samples)
+
+
+# ------------------------------------------------------------------------------------------------ kept copies
+def ema_step(trainer, name: str, decay: float) -> None:
+    """Move the kept copy ``name`` towards the trained weights: ``copy <- decay copy + (1 - decay) weights``.
+
+    Under ZeRO-3 the trained parameters are gathered (a collective: every rank calls this after the same step).
+    """
+    import deepspeed
+
+    from .nft import ema_update_
+
+    pairs = [(a, b) for a, b in zip(trainer.engine.module.parameters(), trainer.copies[name].parameters())
+             if a.requires_grad]
+    src = [a for a, _ in pairs]
+    with deepspeed.zero.GatheredParameters(src, enabled=trainer.cfg.parallel.zero_stage == 3):
+        ema_update_([b for _, b in pairs], [a.data for a in src], decay)
