@@ -11,8 +11,17 @@ import torch
 
 from video_branch.objectives import SampleBatch, get_objective, objective_info
 from video_branch.surrogate import (
-    adaptive_weight, draw_pairs, noised, pair_errors, pair_generator, soft_clip, stratified_times, surrogate_loss,
-    vgrpo_loss, x0_from_velocity, x0_kl,
+    adaptive_weight,
+    draw_pairs,
+    noised,
+    pair_errors,
+    pair_generator,
+    soft_clip,
+    stratified_times,
+    surrogate_loss,
+    vgrpo_loss,
+    x0_from_velocity,
+    x0_kl,
 )
 
 
@@ -162,7 +171,7 @@ def test_vgrpo_kl_is_the_squared_distance_of_x0_predictions():
 
 
 def test_sample_items_share_pairs_within_a_prompt_and_noise_the_leaves():
-    from video_branch.phases import _Items, _item_index
+    from video_branch.phases import _item_index, _Items
     from video_branch.tree import TreeSpec, build_structure
 
     spec = TreeSpec(num_steps=2, roots=3, kinds=("ode", "ode"))
