@@ -110,11 +110,14 @@ def _max_weight_change(final: Path, base: Path) -> float:
 @pytest.mark.parametrize("method", ["vgrpo", "nft"])
 def test_sample_level_presets_train_two_iterations_on_two_ranks_of_the_embedded_default(tmp_path, method):
     """V-GRPO and DiffusionNFT train on final ODE samples: no edge is trained, every leaf is (the accounting's
-    trained samples), and the weights move. Two updates per rollout show V-GRPO's ratio leaving 1 after an update."""
+    trained samples), and the weights move. Two updates per rollout show V-GRPO's ratio and KL leaving 1 and 0 after
+    an update."""
     config = ROOT / "configs" / "tiny" / f"{method}.yaml"
     shrink = ["train.iterations=2", "train.checkpoint_every=0", "eval.num_prompts=1", "eval.clips_per_prompt=1",
               "eval.num_steps=2", "logging.plot_every=0", "logging.tensorboard=false", "tree.roots=4",
               "tree.num_steps=4", "optim.micro_batch=8", "optim.updates_per_iteration=2"]
+    if method == "vgrpo":
+        shrink.append("objective.kl_coef=0.1")  # V-GRPO's KL is to the old policy's x0 predictions
     run = tmp_path / "run"
     launch(config, *shrink, f"train.run_dir={run}")
     acc = config_accounting(load_config(config, shrink))
@@ -128,6 +131,7 @@ def test_sample_level_presets_train_two_iterations_on_two_ranks_of_the_embedded_
         if method == "vgrpo":
             assert r["ratio_max_dev"] < 1e-5  # L_old and L_theta agree before the first update
             assert r["ratio_max_dev_all"] > 0  # the second update sees moved weights
+            assert r["kl"] > 0  # zero in the first update (theta == old), positive in the second
         else:
             assert r["ratio_max_dev"] is None  # DiffusionNFT has no likelihood ratio
     assert _max_weight_change(run / "final", ROOT / "assets" / "toy_wan") > 0

@@ -88,7 +88,7 @@ def test_nft_objective_is_sample_level_with_an_ema_copy_and_matches_nft_loss():
     t, eps = t.repeat(2), eps.repeat(2, 1, 1)
     adv = torch.tensor([2.5, -1.0]).repeat_interleave(m)
     b = SampleBatch(x0=x0, eps=eps, t=t, x_t=noised(x0, eps, t), adv=adv, pairs=m)
-    cfg = SimpleNamespace(objective=SimpleNamespace(nft_beta=1.0), credit=SimpleNamespace(adv_clip=5.0))
+    cfg = SimpleNamespace(objective=SimpleNamespace(nft_beta=1.0, kl_coef=0.0), credit=SimpleNamespace(adv_clip=5.0))
     vo = torch.randn(x0.shape, generator=g)
     v = vo + 0.1 * torch.randn(x0.shape, generator=g)
     out = obj(v, b, obj.old(vo, b, cfg), cfg)
@@ -115,3 +115,12 @@ def test_ema_step_moves_the_kept_copy_towards_the_trained_weights():
     ema_step(trainer, "ema", 0.75)
     assert torch.allclose(ema.weight, 0.75 * before + 0.25 * model.weight)
     assert not torch.allclose(ema.bias, model.bias)
+
+
+def test_nft_objective_rejects_a_kl_coefficient():
+    obj = get_objective("nft")
+    cfg = SimpleNamespace(objective=SimpleNamespace(nft_beta=1.0, kl_coef=0.1), credit=SimpleNamespace(adv_clip=5.0))
+    with pytest.raises(ValueError, match="objective.kl_coef"):
+        obj.old(torch.zeros(2, 3), None, cfg)
+    assert objective_info("nft").reference is False and objective_info("vgrpo").reference is False
+    assert objective_info("clipped").reference is True

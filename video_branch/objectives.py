@@ -24,9 +24,10 @@ UNITS = ("edges", "samples")
 class ObjectiveInfo:
     unit: str  # what the objective trains on: "edges" (SDE transitions) or "samples" (final latents)
     copies: Tuple[str, ...] = ()  # frozen full copies of the policy the trainer keeps for it (e.g. "ema")
+    reference: bool = True  # objective.kl_coef > 0 pulls towards the frozen reference policy (the trainer loads it)
 
 
-def register_objective(name: str, unit: str = "edges", copies: Tuple[str, ...] = ()):
+def register_objective(name: str, unit: str = "edges", copies: Tuple[str, ...] = (), reference: bool = True):
     """Register a function (or a class, registered as its instance) under ``name``."""
     if unit not in UNITS:
         raise ValueError(f"objective '{name}': unit must be one of {UNITS}, got {unit!r}")
@@ -35,7 +36,7 @@ def register_objective(name: str, unit: str = "edges", copies: Tuple[str, ...] =
         if name in _OBJECTIVES:
             raise ValueError(f"objective '{name}' is registered twice")
         _OBJECTIVES[name] = fn() if isinstance(fn, type) else fn
-        _INFO[name] = ObjectiveInfo(unit, tuple(copies))
+        _INFO[name] = ObjectiveInfo(unit, tuple(copies), bool(reference))
         return fn
 
     return deco
@@ -150,7 +151,7 @@ class SampleObjective:
         """Called after each optimizer step."""
 
 
-@register_objective("vgrpo", unit="samples")
+@register_objective("vgrpo", unit="samples", reference=False)
 class VGRPOObjective(SampleObjective):
     """V-GRPO (ALGORITHMS.md section 8): ``rho = exp(L_old - L_theta)`` of the ELBO surrogate, clipped GRPO objective
     on soft-clipped advantages, optional ``kl_coef * ||x0_hat_theta - x0_hat_old||^2``.
@@ -183,7 +184,7 @@ class VGRPOObjective(SampleObjective):
         return ObjectiveOut(loss=loss, ratio=ratio, clipped_frac=frac, kl=kl.detach())
 
 
-@register_objective("nft", unit="samples", copies=("ema",))
+@register_objective("nft", unit="samples", copies=("ema",), reference=False)
 class NFTObjective(SampleObjective):
     """DiffusionNFT (ALGORITHMS.md section 8) against an exponential moving average of the policy.
 
@@ -193,6 +194,9 @@ class NFTObjective(SampleObjective):
     old_policy = "ema"
 
     def old(self, v_old, batch, cfg):
+        if cfg.objective.kl_coef > 0:
+            raise ValueError(f"config key 'objective.kl_coef': the nft objective has no KL term (its old policy is "
+                             f"the EMA); expected 0, got {cfg.objective.kl_coef}")
         return {"v": v_old}
 
     def __call__(self, v, batch, old, cfg):

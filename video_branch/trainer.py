@@ -150,7 +150,9 @@ class Trainer:
         self.reward = build_from_config(cfg.reward.components, retries=cfg.reward.retries)
         self.latent_shape = latent_shape(cfg, m.vae)
         self.reference = None
-        if cfg.objective.kl_coef > 0 and cfg.model.lora.rank == 0:  # with LoRA: the disabled adapter, see below
+        # The frozen reference of the KL term, for objectives that have one (V-GRPO's KL is to the old policy).
+        self.needs_reference = cfg.objective.kl_coef > 0 and objective_info(cfg.objective.name).reference
+        if self.needs_reference and cfg.model.lora.rank == 0:  # with LoRA: the disabled adapter, see below
             ref = load_wan(cfg.model.path, dtype=cfg.model.dtype, attention_backend=cfg.model.attention_backend,
                            device=dev, components=("transformer",)).transformer
             if cfg.model.text_pad_to:
@@ -209,7 +211,7 @@ class Trainer:
         for extra in (self.policy_copy, self.reference, *self.copies.values()):
             if extra is not None:
                 enable_sequence_parallel(extra, self.dist.sp_group)
-        if cfg.objective.kl_coef > 0 and self.reference is None:
+        if self.needs_reference and self.reference is None:
             from .models.lora import AdapterDisabled
 
             self.reference = AdapterDisabled(self.engine.module)  # the frozen base weights, no second copy
