@@ -111,7 +111,7 @@ def _old_module(trainer):
 
 
 def _train_samples(trainer, iteration: int, res, adv: np.ndarray, trained: np.ndarray) -> Dict[str, float]:
-    from .trainer import LockstepError, _zero_lr
+    from .trainer import LockstepError
 
     cfg, obj, dev = trainer.cfg, trainer.objective, trainer.dist.device
     n = res.leaf_latents.shape[0]
@@ -153,19 +153,12 @@ def _train_samples(trainer, iteration: int, res, adv: np.ndarray, trained: np.nd
             # Weight each micro-batch by its share of samples (DeepSpeed divides by the accumulation steps); SP
             # ranks hold token shards of the same samples, as in the edge phase.
             loss = out.loss * (len(ids) * trainer.n_micro / n) * trainer.sp.loss_scale
-            if trainer._any_rank(not bool(torch.isfinite(loss))):
-                skipped += 1
-                update_skipped = True
-                loss = trainer._zero_loss(batch.x_t[:1], batch.t[:1], emb[:1])
-            trainer.engine.backward(loss)
-            n_back += 1
             last = mb == trainer.n_micro - 1
-            if last and update_skipped:
-                skipped_updates += 1
-                with _zero_lr(trainer.optimizer):
-                    trainer.engine.step()
-            else:
-                trainer.engine.step()
+            bad, update_skipped = trainer.micro_step(loss, (batch.x_t[:1], batch.t[:1], emb[:1]), last,
+                                                     update_skipped)
+            skipped += bad
+            n_back += 1
+            skipped_updates += last and update_skipped
             if last:
                 obj.after_step(trainer)
             losses.append(float(out.loss.detach()))

@@ -357,20 +357,11 @@ class Trainer:
                 # SP ranks hold token shards of the same samples: DeepSpeed's mean over all ranks times sp_size is
                 # the mean over data-parallel members of the full gradient.
                 loss = out.loss * (len(ids) * self.n_micro / edges.size) * self.sp.loss_scale
-                # A non-finite loss on any rank skips that micro-batch's backward on every rank (agreed by an
-                # all-reduce, so ZeRO-3's collectives stay in step) and the whole update's parameter change.
-                if self._any_rank(not bool(torch.isfinite(loss))):
-                    skipped += 1
-                    update_skipped = True
-                    loss = self._zero_loss(x[:1], s[:1], emb[:1])
-                self.engine.backward(loss)
+                last = mb == len(chunks) - 1
+                bad, update_skipped = self.micro_step(loss, (x[:1], s[:1], emb[:1]), last, update_skipped)
+                skipped += bad
                 n_back += 1
-                if mb == len(chunks) - 1 and update_skipped:
-                    skipped_updates += 1
-                    with _zero_lr(self.optimizer):
-                        self.engine.step()
-                else:
-                    self.engine.step()
+                skipped_updates += last and update_skipped
                 losses.append(float(out.loss.detach()))
                 clipfr.append(float(out.clipped_frac))
                 kls.append(float(out.kl))
@@ -382,6 +373,26 @@ class Trainer:
             "ratio_max_dev_all": ratio_dev_all, "clip_frac": float(np.mean(clipfr)), "kl": float(np.mean(kls)),
             "skipped_micro_steps": skipped, "skipped_updates": skipped_updates,
         }
+
+    def micro_step(self, loss, zero_inputs, last: bool, update_skipped: bool) -> tuple:
+        """Backpropagate one micro-batch's weighted loss and step the engine (it updates at the boundary).
+
+        A non-finite loss on any rank skips that micro-batch's backward on every rank (agreed by an all-reduce, so
+        ZeRO-3's collectives stay in step: a finite zero loss through the policy at ``zero_inputs`` (x, s, emb) is
+        backpropagated instead) and the whole update's parameter change (the boundary step runs at learning rate 0).
+        Returns (this micro-batch was skipped, the update is skipped).
+        """
+        bad = self._any_rank(not bool(torch.isfinite(loss)))
+        if bad:
+            loss = self._zero_loss(*zero_inputs)
+        self.engine.backward(loss)
+        update_skipped = update_skipped or bad
+        if last and update_skipped:
+            with _zero_lr(self.optimizer):
+                self.engine.step()
+        else:
+            self.engine.step()
+        return bad, update_skipped
 
     def _zero_loss(self, x, s, emb) -> torch.Tensor:
         """A finite zero loss through the policy, backpropagated in place of a non-finite one: ZeRO-3 needs a
