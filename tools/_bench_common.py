@@ -9,15 +9,16 @@ overrides, so the only differences between them are the preset and the variant's
 from __future__ import annotations
 
 import gc
+import math
 import os
 import platform
 import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -32,7 +33,7 @@ QUIET = ("logging.tensorboard=false", "logging.progress=false", "logging.plot_ev
 class Variant:
     label: str
     preset: str
-    overrides: Tuple[str, ...] = field(default=())
+    overrides: tuple[str, ...] = field(default=())
 
 
 def parse_variant(spec: str) -> Variant:
@@ -59,7 +60,7 @@ def parse_variant(spec: str) -> Variant:
     return Variant(label or (preset if not overrides else spec), preset, overrides)
 
 
-def parse_variants(text: str) -> List[Variant]:
+def parse_variants(text: str) -> list[Variant]:
     """Comma-separated variant specs; labels must be unique."""
     out = [parse_variant(s) for s in text.split(",") if s.strip()]
     if not out:
@@ -71,7 +72,7 @@ def parse_variants(text: str) -> List[Variant]:
     return out
 
 
-def variant_config(base_config: Optional[str], variant: Variant, common: Sequence[str], run_dir: Path):
+def variant_config(base_config: str | None, variant: Variant, common: Sequence[str], run_dir: Path):
     """The resolved Config of a variant: base YAML <- preset <- common overrides <- variant overrides."""
     from video_branch.config import load_config
 
@@ -108,27 +109,27 @@ def median(values: Iterable[float]) -> float:
     return statistics.median(vals) if vals else float("nan")
 
 
-def interleaved(labels: Sequence[str], repeats: int) -> Iterator[Tuple[int, str]]:
+def interleaved(labels: Sequence[str], repeats: int) -> Iterator[tuple[int, str]]:
     """(repeat, label) in the order A B C A B C ...: slow phases of a shared machine hit every variant alike."""
     for r in range(repeats):
         for label in labels:
             yield r, label
 
 
-def load_average() -> Optional[List[float]]:
+def load_average() -> list[float] | None:
     try:
         return [round(x, 2) for x in os.getloadavg()]
     except OSError:
         return None
 
 
-def environment() -> Dict[str, object]:
+def environment() -> dict[str, object]:
     """What a reader needs to judge the numbers: software, cores, threads, the machine's load and the code version."""
     import torch
 
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                                timeout=10).stdout.strip() or None
+                                timeout=10, check=False).stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         commit = None
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
@@ -143,7 +144,7 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> s
         if x is None:
             return "-"
         if isinstance(x, float):
-            if x != x:
+            if math.isnan(x):
                 return "-"
             return f"{x:.3g}" if abs(x) < 1e-2 or abs(x) >= 1e4 else f"{x:.3f}".rstrip("0").rstrip(".")
         return str(x)

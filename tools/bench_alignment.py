@@ -22,17 +22,17 @@ import json
 import shutil
 import sys
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import _bench_common as bc  # noqa: E402
+import _bench_common as bc
 
 GOAL = ("branchgrpo_deppru", 0.45, "time to DanceGRPO's final held-out reward / DanceGRPO's time")
 
 
-def time_to_target(curve: Sequence[dict], target: float) -> Dict[str, Optional[float]]:
+def time_to_target(curve: Sequence[dict], target: float) -> dict[str, float | None]:
     """First crossing of ``target`` on a curve of {"train_s", "mean"} points in time order.
 
     Returns {"at_eval_s": time of the first evaluation with mean >= target, "interpolated_s": the linear
@@ -65,7 +65,7 @@ def _point(summary: dict, metric: str, train_s: float, iteration: int) -> dict:
             "n": summary.get("n"), "scores": summary}
 
 
-def run_seed(seed: int, variants: List[bc.Variant], args, work: Path) -> Dict[str, dict]:
+def run_seed(seed: int, variants: list[bc.Variant], args, work: Path) -> dict[str, dict]:
     common = [f"train.seed={seed}", *args.set] + ([f"model.path={args.model}"] if args.model else [])
     configs = {v.label: bc.variant_config(args.config, v, common, work / f"seed{seed}" / v.label) for v in variants}
     metric = args.metric or default_metric(next(iter(configs.values())))
@@ -126,7 +126,7 @@ def run_seed(seed: int, variants: List[bc.Variant], args, work: Path) -> Dict[st
     return out
 
 
-def summarise(per_seed: Dict[int, Dict[str, dict]], labels: List[str]) -> Dict[str, dict]:
+def summarise(per_seed: dict[int, dict[str, dict]], labels: list[str]) -> dict[str, dict]:
     out = {}
     for label in labels:
         runs = [per_seed[s][label] for s in per_seed]
@@ -144,7 +144,7 @@ def summarise(per_seed: Dict[int, Dict[str, dict]], labels: List[str]) -> Dict[s
     return out
 
 
-def plot(per_seed: Dict[int, Dict[str, dict]], labels: List[str], baseline: str, path: Path) -> None:
+def plot(per_seed: dict[int, dict[str, dict]], labels: list[str], baseline: str, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -176,7 +176,7 @@ def plot(per_seed: Dict[int, Dict[str, dict]], labels: List[str], baseline: str,
     plt.close(fig)
 
 
-def report(summary: Dict[str, dict], baseline: str, goal: Optional[dict]) -> str:
+def report(summary: dict[str, dict], baseline: str, goal: dict | None) -> str:
     rows = [[k, s["iterations"], s["median_iter_s"], s["before_mean"], s["final_mean"], s["final_ci95"],
              s["time_to_target_s"], s["time_to_target_ratio"], s["reached_target"]] for k, s in summary.items()]
     text = bc.markdown_table(["preset", "iterations", "median iter s", "held-out before", "held-out final",
@@ -218,7 +218,7 @@ def parse_args(argv=None):
     return args
 
 
-def main(argv=None) -> Dict[str, object]:
+def main(argv=None) -> dict[str, object]:
     args = parse_args(argv)
     variants = bc.parse_variants(args.presets)
     labels = [v.label for v in variants]

@@ -22,12 +22,12 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Dict, List, Sequence, Tuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import _bench_common as bc  # noqa: E402
+import _bench_common as bc
 
 DEFAULT_PRESETS = ("dancegrpo,dancegrpo_tf1=dancegrpo+prune.timestep_fraction=1.0+prune.exclude_last_step=false,"
                    "branchgrpo,branchgrpo_widpru,branchgrpo_deppru,branchgrpo_mix,mixgrpo")
@@ -73,7 +73,7 @@ def time_best(fn: Callable[[], object], repeats: int = 5, warmup: int = 2) -> fl
     return best
 
 
-def matmul_peak(shapes: Sequence[Tuple[int, int, int]], repeats: int = 5) -> Dict[str, object]:
+def matmul_peak(shapes: Sequence[tuple[int, int, int]], repeats: int = 5) -> dict[str, object]:
     """Dense fp32 (M, K) @ (K, N) rates; ``peak_flops_per_s`` is the best of them: the limit for this kind of work."""
     import torch
 
@@ -84,7 +84,7 @@ def matmul_peak(shapes: Sequence[Tuple[int, int, int]], repeats: int = 5) -> Dic
             # Enough calls per timing (about 0.2 GFLOP) that the clock's resolution does not inflate small shapes.
             calls = max(1, int(2e8 // (2 * m * k * n)))
 
-            def work():
+            def work(a=a, b=b, calls=calls):
                 for _ in range(calls):
                     torch.mm(a, b)
 
@@ -94,7 +94,7 @@ def matmul_peak(shapes: Sequence[Tuple[int, int, int]], repeats: int = 5) -> Dic
             "threads": torch.get_num_threads()}
 
 
-def matrix_share(fn: Callable[[], object]) -> Dict[str, float]:
+def matrix_share(fn: Callable[[], object]) -> dict[str, float]:
     """Share of ``fn()``'s wall time spent inside matrix kernels (their self CPU time over the profiled wall time)."""
     import torch
     from torch.profiler import ProfilerActivity, profile
@@ -108,7 +108,7 @@ def matrix_share(fn: Callable[[], object]) -> Dict[str, float]:
     return {"matrix_s": matrix_s, "profiled_wall_s": wall, "share": min(1.0, matrix_s / wall)}
 
 
-def forward_probe(trainer, batch: int) -> Dict[str, object]:
+def forward_probe(trainer, batch: int) -> dict[str, object]:
     """FLOPs per sample of one policy forward, its wall time at ``batch`` and the matrix-kernel share of it."""
     import torch
 
@@ -147,7 +147,7 @@ def build_compute_model(out_dir: Path, args) -> str:
     return str(out_dir)
 
 
-def run_setting(name: str, model: str, variants: List[bc.Variant], args, work: Path) -> Dict[str, object]:
+def run_setting(name: str, model: str, variants: list[bc.Variant], args, work: Path) -> dict[str, object]:
     common = [f"model.path={model}", f"train.seed={args.seed}", *args.set]
     configs = {v.label: bc.variant_config(args.config, v, common, work / name / v.label) for v in variants}
     from video_branch.tree import config_accounting
@@ -158,7 +158,7 @@ def run_setting(name: str, model: str, variants: List[bc.Variant], args, work: P
         print(f"[{name}] building {label}", flush=True)
         trainers[label] = bc.make_trainer(cfg)
     labels = [v.label for v in variants]
-    rows: Dict[str, List[dict]] = {k: [] for k in labels}
+    rows: dict[str, list[dict]] = {k: [] for k in labels}
     for r, label in bc.interleaved(labels, args.warmup + args.repeats):
         row = trainers[label].train_iteration(r)
         kept = r >= args.warmup
@@ -180,7 +180,7 @@ def run_setting(name: str, model: str, variants: List[bc.Variant], args, work: P
             "presets": summarise(variants, rows, accounting, probe, peak, args.baseline)}
 
 
-def summarise(variants, rows, accounting, probe, peak, baseline: str) -> Dict[str, dict]:
+def summarise(variants, rows, accounting, probe, peak, baseline: str) -> dict[str, dict]:
     out = {}
     for v in variants:
         med = {k: bc.median(r[k] for r in rows[v.label]) for k in TIME_KEYS}
@@ -212,7 +212,7 @@ def summarise(variants, rows, accounting, probe, peak, baseline: str) -> Dict[st
 PUBLISHED_BASELINE = "dancegrpo_tf1"
 
 
-def goals(settings: Dict[str, dict]) -> List[dict]:
+def goals(settings: dict[str, dict]) -> list[dict]:
     out = []
     for name, s in settings.items():
         ps = s["presets"]
@@ -229,7 +229,7 @@ def goals(settings: Dict[str, dict]) -> List[dict]:
     return out
 
 
-def report(settings: Dict[str, dict], baseline: str, goal_rows: List[dict]) -> str:
+def report(settings: dict[str, dict], baseline: str, goal_rows: list[dict]) -> str:
     parts = []
     for name, s in settings.items():
         f = s["forward"]
@@ -289,7 +289,7 @@ def parse_args(argv=None):
     return args
 
 
-def main(argv=None) -> Dict[str, object]:
+def main(argv=None) -> dict[str, object]:
     args = parse_args(argv)
     variants = bc.parse_variants(args.presets)
     labels = [v.label for v in variants]
