@@ -194,16 +194,20 @@ def summarise(variants, rows, accounting, probe, peak, baseline: str) -> dict[st
                         "rollout_flops": flops, "rollout_flops_per_s": flops / med["rollout_s"],
                         "rollout_fraction_of_matmul_peak": flops / med["rollout_s"] / peak["peak_flops_per_s"]}
     b = out[baseline]
+
+    def ratio(x, y):
+        return x / y if y else float("nan")  # e.g. a sample-level baseline that trains no edges
+
     for o in out.values():
         m, bm = o["median"], b["median"]
         o["ratio_to_baseline"] = {
-            "iter_ratio": m["iter_s"] / bm["iter_s"], "rollout_ratio": m["rollout_s"] / bm["rollout_s"],
-            "rollout_per_leaf_ratio": o["rollout_s_per_leaf"] / b["rollout_s_per_leaf"],
-            "reward_ratio": m["reward_s"] / bm["reward_s"], "train_ratio": m["train_s"] / bm["train_s"],
+            "iter_ratio": ratio(m["iter_s"], bm["iter_s"]), "rollout_ratio": ratio(m["rollout_s"], bm["rollout_s"]),
+            "rollout_per_leaf_ratio": ratio(o["rollout_s_per_leaf"], b["rollout_s_per_leaf"]),
+            "reward_ratio": ratio(m["reward_s"], bm["reward_s"]), "train_ratio": ratio(m["train_s"], bm["train_s"]),
             # Without the reward phase (decode + scoring), which no method changes and which is small on a GPU.
-            "rollout_train_ratio": (m["rollout_s"] + m["train_s"]) / (bm["rollout_s"] + bm["train_s"]),
-            "forward_pass_ratio": (m["forward_passes"] / o["leaves"]) / (bm["forward_passes"] / b["leaves"]),
-            "trained_edge_ratio": m["trained_edges"] / bm["trained_edges"]}
+            "rollout_train_ratio": ratio(m["rollout_s"] + m["train_s"], bm["rollout_s"] + bm["train_s"]),
+            "forward_pass_ratio": ratio(m["forward_passes"] / o["leaves"], bm["forward_passes"] / b["leaves"]),
+            "trained_edge_ratio": ratio(m["trained_edges"], bm["trained_edges"])}
     return out
 
 
