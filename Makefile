@@ -29,7 +29,7 @@ test-fast: setup
 
 bench: setup
 	$(VPY) tools/bench_iteration.py --out runs/bench/iteration.json
-	$(VPY) tools/bench_alignment.py --out runs/bench/alignment.json
+	$(VPY) tools/bench_alignment.py --set eval.clips_per_prompt=4 --out runs/bench/alignment.json
 	$(VPY) tools/bench_memory.py --out runs/bench/memory.json
 
 lint: setup
