@@ -9,7 +9,13 @@ import pytest
 from video_branch.config import ConfigError, load_config
 from video_branch.methods import preset_names
 from video_branch.tree import (
-    TreeSpec, accounting, build_structure, config_accounting, draw_split_step, step_kinds, window_steps,
+    TreeSpec,
+    accounting,
+    build_structure,
+    config_accounting,
+    draw_split_step,
+    step_kinds,
+    window_steps,
 )
 
 REPO = Path(__file__).resolve().parents[1]

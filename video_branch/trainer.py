@@ -30,8 +30,8 @@ from .credit import assign_credit, leaf_vector
 from .data import iteration_prompts, read_prompts, tree_seed
 from .logging import RunLogger
 from .objectives import get_objective, objective_info
-from .parallel.groups import Dist, init_distributed
 from .ovf import preview_pruner, survivor_edges
+from .parallel.groups import Dist, init_distributed
 from .phases import get_phase, register_phase
 from .pruning import select_trained_edges
 from .rollout import RolloutResult, edge_inputs, rollout

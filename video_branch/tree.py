@@ -418,8 +418,8 @@ def count_trained_edges(cfg, spec: TreeSpec, iteration: int = 0, draws: int = 2)
     Pruning is called on the structure with random node values and advantages; the count must not depend on them
     (ranks stay in step), so it is drawn ``draws`` times and a difference is an error.
     """
-    from .pruning import select_trained_edges
     from .ovf import survivor_edges
+    from .pruning import select_trained_edges
 
     structure = build_structure(spec, 1)
     counts = set()

@@ -24,8 +24,14 @@ def export_pipeline_dir(trainer, out: Path) -> Path:
     """
     import deepspeed
 
-    from .lora import (adapter_metadata, diffusers_lora_state, is_lora, lora_scale, merged_transformer,
-                       save_diffusers_lora)
+    from .lora import (
+        adapter_metadata,
+        diffusers_lora_state,
+        is_lora,
+        lora_scale,
+        merged_transformer,
+        save_diffusers_lora,
+    )
 
     out = Path(out)
     src = Path(trainer.cfg.model.path)
