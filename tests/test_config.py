@@ -114,3 +114,17 @@ def test_shipped_configs_resolve(path):
         assert cfg.model.dtype == "bfloat16" and cfg.model.gradient_checkpointing
         assert cfg.video.height == 480 and cfg.video.num_frames in (33, 81)
         assert (ROOT / cfg.parallel.ds_config).is_file()
+
+
+def test_paired_change_uses_the_same_clips():
+    import numpy as np
+
+    from video_branch.trainer import mean_ci, paired_change
+
+    b = {"r": 0.0, "per_clip": {"r": [0.1, 0.5, 0.9, float("nan")]}}
+    a = {"r": 0.0, "per_clip": {"r": [0.2, 0.7, 0.9, 0.4]}}
+    out = paired_change(b, a)
+    d = np.array([0.1, 0.2, 0.0])  # the NaN clip is left out
+    assert np.isclose(out["r"], d.mean())
+    assert np.isclose(out["r_ci95"], 1.96 * d.std(ddof=1) / np.sqrt(3))
+    assert mean_ci(np.array([1.0]))[0] == 1.0

@@ -41,13 +41,15 @@ def main(argv=None) -> int:
 
 
 def _print_summary(results) -> None:
-    before, after = results["before"], results["after"]
-    keys = [k for k in before if not k.endswith("_ci95") and k != "n"]
-    print(f"\nheld-out reward ({before.get('n')} clips), mean ± 95% CI:")
+    before, after, change = results["before"], results["after"], results.get("change", {})
+    keys = [k for k in before if not k.endswith("_ci95") and k not in ("n", "per_clip")]
+    nan = float("nan")
+    print(f"\nheld-out reward ({before.get('n')} clips, same prompts and seeds before and after), mean ± 95% CI:")
     for k in keys:
-        b, a = before[k], after.get(k, float("nan"))
-        print(f"  {k:>22}: before {b:.4f} ± {before.get(k + '_ci95', float('nan')):.4f}   "
-              f"after {a:.4f} ± {after.get(k + '_ci95', float('nan')):.4f}   change {a - b:+.4f}")
+        b, a = before[k], after.get(k, nan)
+        print(f"  {k:>22}: before {b:.4f} ± {before.get(k + '_ci95', nan):.4f}   "
+              f"after {a:.4f} ± {after.get(k + '_ci95', nan):.4f}   "
+              f"paired change {change.get(k, a - b):+.4f} ± {change.get(k + '_ci95', nan):.4f}")
 
 
 if __name__ == "__main__":

@@ -98,6 +98,18 @@ def mean_ci(x: np.ndarray) -> tuple[float, float]:
     return float(x.mean()), float(1.96 * x.std(ddof=1) / math.sqrt(x.size))
 
 
+def paired_change(before: Dict, after: Dict) -> Dict[str, float]:
+    """Per reward term: mean after - before over the same clips (same prompts and seeds) and its 95% CI half-width."""
+    out = {}
+    for k, b in before.get("per_clip", {}).items():
+        a = after.get("per_clip", {}).get(k)
+        if a is None or len(a) != len(b):
+            continue
+        m, ci = mean_ci(np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64))
+        out[k], out[k + "_ci95"] = m, ci
+    return out
+
+
 class Trainer:
     def __init__(self, cfg: Config):
         self.cfg = cfg
@@ -464,6 +476,8 @@ class Trainer:
             m, ci = mean_ci(v)
             summary[k], summary[k + "_ci95"] = m, ci
         summary["n"] = int(len(next(iter(scores.values()))))
+        # Per-clip scores in a fixed order (same seeds every evaluation), for paired before/after differences.
+        summary["per_clip"] = {k: [float(x) for x in np.asarray(v, dtype=np.float64)] for k, v in scores.items()}
         self.logger.log_eval(name, iteration, summary)
         return summary
 
@@ -505,11 +519,13 @@ class Trainer:
             ckpt.save(self.engine, self.run_dir / "checkpoints", cfg.train.iterations,
                       {"iteration": cfg.train.iterations}, d.rank, keep=cfg.train.keep_checkpoints)
         results["after"] = self.evaluate(cfg.train.iterations, "after")
+        results["change"] = paired_change(results["before"], results["after"])
         self.export_final()
         self.logger.plot()
         self.logger.close()
         if d.is_main:
-            (self.run_dir / "eval_after.json").write_text(json.dumps(results["after"], indent=1))
+            (self.run_dir / "eval_after.json").write_text(json.dumps({**results["after"],
+                                                                      "change": results["change"]}, indent=1))
         return results
 
     def train_iteration(self, it: int, bar=None) -> Dict[str, float]:
