@@ -72,6 +72,15 @@ def parse_variants(text: str) -> list[Variant]:
     return out
 
 
+def variants_with_baseline(text: str, baseline: str) -> list[Variant]:
+    """``parse_variants`` plus the check that the baseline is one of them (exits with a message otherwise)."""
+    variants = parse_variants(text)
+    labels = [v.label for v in variants]
+    if baseline not in labels:
+        raise SystemExit(f"--baseline {baseline!r} is not one of the presets {labels}")
+    return variants
+
+
 def variant_config(base_config: str | None, variant: Variant, common: Sequence[str], run_dir: Path):
     """The resolved Config of a variant: base YAML <- preset <- common overrides <- variant overrides."""
     from video_branch.config import load_config

@@ -295,10 +295,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> dict[str, object]:
     args = parse_args(argv)
-    variants = bc.parse_variants(args.presets)
-    labels = [v.label for v in variants]
-    if args.baseline not in labels:
-        raise SystemExit(f"--baseline {args.baseline!r} is not one of the presets {labels}")
+    variants = bc.variants_with_baseline(args.presets, args.baseline)
     from video_branch.config import load_config
 
     tiny_model = args.model or load_config(args.config, [f"train.seed={args.seed}", *args.set]).model.path
