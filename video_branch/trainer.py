@@ -80,6 +80,36 @@ class IterationStats:
     trained_samples: int = 0
 
 
+@dataclass
+class EdgeLogProbs:
+    """Inputs and outputs of :meth:`Trainer.edge_log_probs` for a set of edges (tensors on the trainer's device)."""
+
+    inputs: Dict[str, torch.Tensor]
+    x: torch.Tensor
+    x_next: torch.Tensor
+    s: torch.Tensor
+    s_next: torch.Tensor
+    eta: torch.Tensor
+    emb: torch.Tensor
+    mean: torch.Tensor
+    std: torch.Tensor
+    logp: torch.Tensor
+
+
+@dataclass
+class Batch:
+    """One iteration's scored rollout with its credit: what the training phase consumes."""
+
+    res: RolloutResult
+    rewards: Dict[str, np.ndarray]  # reward name -> [N] node-length array (NaN off-leaf or on failure)
+    weights: Dict[str, float]
+    values: np.ndarray
+    adv: np.ndarray
+    trained: np.ndarray
+    rollout_s: float
+    reward_s: float
+
+
 def latent_shape(cfg: Config, vae) -> tuple:
     """[C, F', h, w] of the latents of a clip, from the VAE's compression factors."""
     from .sampling import latent_shape_for
@@ -322,8 +352,6 @@ class Trainer:
         if edges.size != self.edges_per_iteration:
             raise LockstepError(f"iteration {iteration}: {edges.size} trained edges on rank {self.dist.rank}, "
                                 f"expected {self.edges_per_iteration} from the config")
-        form = res.spec.sde_form
-        s_cap = res.s_cap
         gen = torch.Generator().manual_seed(cfg.train.seed * 1000003 + iteration)
         ratio_dev_first, losses, clipfr, kls, ratio_dev_all, skipped = float("nan"), [], [], [], 0.0, 0
         grad_norm = float("nan")
@@ -334,28 +362,21 @@ class Trainer:
             chunks = np.array_split(order, self.n_micro)
             update_skipped = False
             for mb, ids in enumerate(chunks):
-                inp = edge_inputs(res, ids)
-                x, x_next = inp["parent_latent"].to(self.dist.device), inp["child_latent"].to(self.dist.device)
-                s, s_next = inp["s"].to(self.dist.device), inp["s_next"].to(self.dist.device)
-                eta = inp["eta"].to(self.dist.device)
-                emb = res.embeds[torch.as_tensor(inp["tree_index"])].to(self.dist.device)
-                v = self._velocity_cfg(self.engine, x, s, emb, res.negative)
-                mean, std = sde_mean_std(form, x, v, s, s_next, eta, s_cap)
-                logp = gaussian_log_prob(x_next, mean, std, reduce=cfg.objective.logprob_reduce)
-                logp_old = inp["logp_old"].to(logp)
+                e = self.edge_log_probs(self.engine, res, ids)
+                x, s, emb, mean, std, logp = e.x, e.s, e.emb, e.mean, e.std, e.logp
+                logp_old = e.inputs["logp_old"].to(logp)
                 mean_ref = None
                 if self.reference is not None:
                     with torch.no_grad():
-                        v_ref = self._velocity_cfg(self.reference, x, s, emb, res.negative)
-                        mean_ref, _ = sde_mean_std(form, x, v_ref, s, s_next, eta, s_cap)
+                        mean_ref = self.edge_log_probs(self.reference, res, ids, inputs=e).mean
                 mean_old = None
                 if cfg.objective.ratio_norm:
                     # The first update runs on the rollout's weights (DeepSpeed steps at the accumulation boundary),
                     # so its means are the old policy's; later updates reuse them.
                     if update == 0:
-                        for e, m_old in zip(ids.tolist(), mean.detach().cpu()):
-                            old_means[e] = m_old
-                    mean_old = torch.stack([old_means[e] for e in ids.tolist()]).to(mean)
+                        for edge_id, m_old in zip(ids.tolist(), mean.detach().cpu()):
+                            old_means[edge_id] = m_old
+                    mean_old = torch.stack([old_means[i] for i in ids.tolist()]).to(mean)
                 out = self.objective(logp, logp_old, torch.as_tensor(adv[ids], dtype=torch.float32,
                                                                      device=self.dist.device),
                                      clip_eps=cfg.objective.clip_eps, kl_coef=cfg.objective.kl_coef,
@@ -385,6 +406,24 @@ class Trainer:
             "ratio_max_dev_all": ratio_dev_all, "clip_frac": float(np.mean(clipfr)), "kl": float(np.mean(kls)),
             "skipped_micro_steps": skipped, "skipped_updates": skipped_updates,
         }
+
+    def edge_log_probs(self, module, res: RolloutResult, ids, inputs: Optional["EdgeLogProbs"] = None) -> "EdgeLogProbs":
+        """Transition log-probs of the SDE edges ``ids`` under ``module`` (the engine, a reference or a plain copy),
+        recomputed from the rollout's stored parent/child latents by the path the rollout used. ``inputs``: reuse
+        the tensors of an earlier call on the same edges."""
+        if inputs is None:
+            inp = edge_inputs(res, ids)
+            dev = self.dist.device
+            x, x_next = inp["parent_latent"].to(dev), inp["child_latent"].to(dev)
+            s, s_next, eta = inp["s"].to(dev), inp["s_next"].to(dev), inp["eta"].to(dev)
+            emb = res.embeds[torch.as_tensor(inp["tree_index"])].to(dev)
+        else:
+            inp, x, x_next, s, s_next, eta, emb = (inputs.inputs, inputs.x, inputs.x_next, inputs.s, inputs.s_next,
+                                                   inputs.eta, inputs.emb)
+        v = self._velocity_cfg(module, x, s, emb, res.negative)
+        mean, std = sde_mean_std(res.spec.sde_form, x, v, s, s_next, eta, res.s_cap)
+        logp = gaussian_log_prob(x_next, mean, std, reduce=self.cfg.objective.logprob_reduce)
+        return EdgeLogProbs(inp, x, x_next, s, s_next, eta, emb, mean, std, logp)
 
     def micro_step(self, loss, zero_inputs, last: bool, update_skipped: bool) -> tuple:
         """Backpropagate one micro-batch's weighted loss and step the engine (it updates at the boundary).
@@ -528,11 +567,11 @@ class Trainer:
                                                                       "change": results["change"]}, indent=1))
         return results
 
-    def train_iteration(self, it: int, bar=None) -> Dict[str, float]:
+    def prepare_batch(self, it: int, phase=lambda p: None) -> Batch:
+        """Roll out this rank's prompts of iteration ``it``, decode and score the leaves, assign credit and select
+        the trained edges (counts fixed by the config)."""
         cfg, d = self.cfg, self.dist
-        self._stats = IterationStats()
         t0 = time.perf_counter()
-        phase = (lambda p: bar.set_postfix(phase=p)) if bar is not None else (lambda p: None)
         phase("rollout")
         prompt_ids = iteration_prompts(self.train_prompts, seed=cfg.train.seed, iteration=it, dp_rank=d.dp_rank,
                                        per_rank=cfg.train.prompts_per_rank)
@@ -541,7 +580,6 @@ class Trainer:
         t1 = time.perf_counter()
         phase("reward")
         rewards = self._score(res)
-        t2 = time.perf_counter()
         weights = {k: float(v.get("weight", 1.0)) for k, v in cfg.reward.components.items()}
         named = {k: rewards[k] for k in weights}  # the weighted components; sub-scores are logged only
         values, adv = assign_credit(res.tree, named, weights, cfg.credit)
@@ -549,6 +587,16 @@ class Trainer:
                                                                                                d.dp_rank, 0xED6E]))
         trained &= survivor_edges(res.tree, res.spec)
         self._stats.trained_edges = int(trained.sum())
+        return Batch(res, rewards, weights, values, adv, trained, t1 - t0, time.perf_counter() - t1)
+
+    def train_iteration(self, it: int, bar=None) -> Dict[str, float]:
+        cfg, d = self.cfg, self.dist
+        self._stats = IterationStats()
+        t0 = time.perf_counter()
+        phase = (lambda p: bar.set_postfix(phase=p)) if bar is not None else (lambda p: None)
+        b = self.prepare_batch(it, phase)
+        res, rewards, values, adv, trained, weights = b.res, b.rewards, b.values, b.adv, b.trained, b.weights
+        t2 = time.perf_counter()
         phase("train")
         train_stats = self.training_phase.train(self, it, res, adv, trained)
         t3 = time.perf_counter()
@@ -565,7 +613,7 @@ class Trainer:
         local.update(train_stats)
         row = {"iteration": it, **self._all_mean(local)}
         row["invalid_leaves"] = row["invalid_leaves"] * d.dp_size  # a sum over data-parallel members, not a mean
-        row.update(rollout_s=t1 - t0, reward_s=t2 - t1, train_s=t3 - t2, iter_s=time.perf_counter() - t0,
+        row.update(rollout_s=b.rollout_s, reward_s=b.reward_s, train_s=t3 - t2, iter_s=time.perf_counter() - t0,
                    forward_passes=self._stats.forward_passes, trained_edges=self._stats.trained_edges,
                    trained_samples=self._stats.trained_samples,
                    lr=float(self.engine.get_lr()[0]))
