@@ -1,8 +1,12 @@
-"""Two-rank training runs of the presets added on top of the tree engine (Expand-and-Prune, LoRA, ...)."""
+"""Two-rank training runs of the presets added on top of the tree engine (Expand-and-Prune, LoRA, ...).
+
+All runs share one distributed launch (``tests/dist_workers/train_presets.py``); each test reads its run directory."""
 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -15,7 +19,25 @@ from video_branch.tree import config_accounting
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 sys.path.insert(0, str(ROOT / "tests"))
-from test_train_e2e import launch, metrics
+from test_train_e2e import _free_port, metrics
+
+SAMPLE_SHRINK = ["train.iterations=2", "train.checkpoint_every=0", "eval.num_prompts=1", "eval.clips_per_prompt=1",
+                 "eval.num_steps=2", "logging.plot_every=0", "logging.tensorboard=false", "tree.roots=4",
+                 "tree.num_steps=4", "optim.micro_batch=8", "optim.updates_per_iteration=2"]
+SAMPLE_EXTRA = {"vgrpo": ["objective.kl_coef=0.1"], "nft": []}  # V-GRPO's KL is to the old policy's x0 predictions
+
+
+def _jobs(cfg: Path):
+    return {
+        "pro_grpo": (cfg, ["method=pro_grpo", "train.dump_trees=true"]),
+        "branchgrpo_ovf": (cfg, ["method=branchgrpo_ovf", "train.dump_trees=true"]),
+        # Flow-GRPO's KL to the reference runs through the disabled adapter.
+        "lora": (cfg, ["method=flowgrpo", "tree.roots=4", "tree.num_steps=4", "model.lora.rank=4",
+                       "model.lora.alpha=8", "optim.lr=1.0e-2"]),
+        "guard": (cfg, ["method=dancegrpo", "tree.roots=4", "tree.num_steps=4", "objective.ratio_norm=true",
+                        "optim.updates_per_iteration=2", "optim.micro_batch=4"]),
+        **{m: (ROOT / "configs" / "tiny" / f"{m}.yaml", SAMPLE_SHRINK + SAMPLE_EXTRA[m]) for m in ("vgrpo", "nft")},
+    }
 
 
 @pytest.fixture(scope="module")
@@ -37,14 +59,20 @@ eval: {{prompt_file: {d / 'heldout.txt'}, clips_per_prompt: 1, num_steps: 2}}
 logging: {{plot_every: 0, tensorboard: false}}
 """
     )
-    return d, cfg
+    out = d / "runs"
+    jobs = ["@".join([f"{name}={path}", *over]) for name, (path, over) in _jobs(cfg).items()]
+    cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", str(_free_port()),
+           str(ROOT / "tests" / "dist_workers" / "train_presets.py"), str(out), *jobs]
+    env = dict(os.environ, TQDM_DISABLE="1", PYTHONWARNINGS="ignore")
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1200, env=env)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
+    return d, cfg, out
 
 
 @pytest.mark.parametrize("method", ["pro_grpo", "branchgrpo_ovf"])
-def test_expand_and_prune_presets_train_two_iterations_on_two_ranks(tiny, tmp_path, method):
-    _, cfg = tiny
-    run = tmp_path / "run"
-    launch(cfg, f"method={method}", f"train.run_dir={run}", "train.dump_trees=true")
+def test_expand_and_prune_presets_train_two_iterations_on_two_ranks(tiny, method):
+    _, cfg, runs = tiny
+    run = runs / method
     acc = config_accounting(load_config(cfg, [f"method={method}"]))
     rows = metrics(run)
     assert [r["iteration"] for r in rows] == [0, 1]
@@ -60,15 +88,12 @@ def test_expand_and_prune_presets_train_two_iterations_on_two_ranks(tiny, tmp_pa
     assert json.loads((run / "eval_after.json").read_text())["n"] == 1
 
 
-def test_lora_run_exports_weights_that_change_a_wan_pipeline(tiny, tmp_path):
+def test_lora_run_exports_weights_that_change_a_wan_pipeline(tiny):
     import diffusers
     import torch
 
-    d, cfg = tiny
-    run = tmp_path / "run"
-    # Flow-GRPO's KL to the reference runs through the disabled adapter.
-    launch(cfg, "method=flowgrpo", "tree.roots=4", "tree.num_steps=4", "model.lora.rank=4", "model.lora.alpha=8",
-           "optim.lr=1.0e-2", f"train.run_dir={run}")
+    d, _, runs = tiny
+    run = runs / "lora"
     rows = metrics(run)
     assert [r["iteration"] for r in rows] == [0, 1] and all(np.isfinite(r["loss"]) for r in rows)
     assert rows[1]["kl"] > 0  # the adapted policy has moved away from the base after one update
@@ -87,11 +112,8 @@ def test_lora_run_exports_weights_that_change_a_wan_pipeline(tiny, tmp_path):
     assert np.allclose(merged, adapted, atol=1e-4)
 
 
-def test_grpo_guard_option_runs_with_several_updates_per_rollout(tiny, tmp_path):
-    _, cfg = tiny
-    run = tmp_path / "run"
-    launch(cfg, "method=dancegrpo", "tree.roots=4", "tree.num_steps=4", "objective.ratio_norm=true",
-           "optim.updates_per_iteration=2", "optim.micro_batch=4", f"train.run_dir={run}")
+def test_grpo_guard_option_runs_with_several_updates_per_rollout(tiny):
+    run = tiny[2] / "guard"
     rows = metrics(run)
     assert [r["iteration"] for r in rows] == [0, 1]
     for r in rows:
@@ -108,18 +130,13 @@ def _max_weight_change(final: Path, base: Path) -> float:
 
 
 @pytest.mark.parametrize("method", ["vgrpo", "nft"])
-def test_sample_level_presets_train_two_iterations_on_two_ranks_of_the_embedded_default(tmp_path, method):
+def test_sample_level_presets_train_two_iterations_on_two_ranks_of_the_embedded_default(tiny, method):
     """V-GRPO and DiffusionNFT train on final ODE samples: no edge is trained, every leaf is (the accounting's
     trained samples), and the weights move. Two updates per rollout show V-GRPO's ratio and KL leaving 1 and 0 after
     an update."""
     config = ROOT / "configs" / "tiny" / f"{method}.yaml"
-    shrink = ["train.iterations=2", "train.checkpoint_every=0", "eval.num_prompts=1", "eval.clips_per_prompt=1",
-              "eval.num_steps=2", "logging.plot_every=0", "logging.tensorboard=false", "tree.roots=4",
-              "tree.num_steps=4", "optim.micro_batch=8", "optim.updates_per_iteration=2"]
-    if method == "vgrpo":
-        shrink.append("objective.kl_coef=0.1")  # V-GRPO's KL is to the old policy's x0 predictions
-    run = tmp_path / "run"
-    launch(config, *shrink, f"train.run_dir={run}")
+    shrink = SAMPLE_SHRINK + SAMPLE_EXTRA[method]
+    run = tiny[2] / method
     acc = config_accounting(load_config(config, shrink))
     assert acc["trained_edges"] == 0 and acc["trained_samples"] == acc["leaves"] == 4
     rows = metrics(run)

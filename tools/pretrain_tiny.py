@@ -1,6 +1,6 @@
 """Pretrain the embedded default model on toy-world clips and save it as a diffusers directory.
 
-    python tools/pretrain_tiny.py --out assets/toy_wan            # the shipped model (~15-20 min on 2 cores)
+    python tools/pretrain_tiny.py --out assets/toy_wan            # the shipped model (~12 min on an idle 2-core machine)
 
 Stages, each with a progress bar: (1) render a fixed dataset of clips for the training prompts; (2) train the VAE to
 reconstruct them (ToyVAE by default, ``--vae wan`` for AutoencoderKLWan); (3) calibrate the reward's shape references

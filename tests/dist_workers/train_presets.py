@@ -1,7 +1,9 @@
-"""Run several configs one after the other inside one distributed launch (2 ranks share the process group).
+"""Run several training jobs one after the other inside one distributed launch (2 ranks share the process group).
 
-Usage: deepspeed --num_gpus 2 tests/dist_workers/train_presets.py OUT_DIR CONFIG [CONFIG ...] -- [--set k=v ...]
-Each config trains for two iterations into OUT_DIR/<config stem>; a JSON summary per run is written by rank 0.
+Usage: deepspeed --num_gpus 2 tests/dist_workers/train_presets.py OUT_DIR JOB [JOB ...] -- [--set k=v ...]
+A JOB is ``CONFIG`` (run name: the file's stem) or ``NAME=CONFIG``, optionally followed by job-only overrides
+separated by ``@``: ``NAME=CONFIG@method=pro_grpo@tree.roots=4``. The ``--set`` overrides after ``--`` apply to every
+job first. Each job trains into OUT_DIR/<name>; a JSON summary per run is written by rank 0.
 """
 
 import json
@@ -19,16 +21,18 @@ def main(argv):
     else:
         extra = []
     argv = [a for a in argv if not a.startswith("--local_rank")]
-    out, configs = Path(argv[0]), argv[1:]
+    out, jobs = Path(argv[0]), argv[1:]
     overrides = [extra[i + 1] for i in range(0, len(extra), 2) if extra[i] == "--set"]
-    for path in configs:
-        name = Path(path).stem if "=" not in path else path.split("=", 1)[0]
-        path = path.split("=", 1)[-1]
-        cfg = load_config(path, [*overrides, f"train.run_dir={out / name}"])
+    for job in jobs:
+        spec, *own = job.split("@")
+        name = Path(spec).stem if "=" not in spec else spec.split("=", 1)[0]
+        path = spec.split("=", 1)[-1]
+        cfg = load_config(path, [*overrides, *own, f"train.run_dir={out / name}"])
         trainer = Trainer(cfg)
         results = trainer.fit()
         if trainer.dist.is_main:
             (out / name / "summary.json").write_text(json.dumps(results))
+        trainer.dist.barrier()
 
 
 if __name__ == "__main__":
