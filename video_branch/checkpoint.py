@@ -1,7 +1,7 @@
 """Atomic, resumable DeepSpeed checkpoints.
 
 Layout under ``<run_dir>/checkpoints/``: ``iter_NNNNNN/`` (DeepSpeed's files, the client state and each rank's RNG
-state) and ``latest`` (the tag of the newest complete checkpoint). A checkpoint is written under a ``.partial`` name
+state, and ``copies.pt`` with the full policy copies an objective keeps, such as DiffusionNFT's EMA) and ``latest`` (the tag of the newest complete checkpoint). A checkpoint is written under a ``.partial`` name
 and renamed only after every rank has finished, and ``latest`` is replaced atomically after that, so a crash during
 a save leaves the previous checkpoint as the one that resumes.
 """
@@ -19,6 +19,9 @@ import torch
 import torch.distributed as dist
 
 LATEST = "latest"
+
+
+COPIES = "copies.pt"
 
 
 def tag_for(iteration: int) -> str:
@@ -54,8 +57,13 @@ def latest_tag(ckpt_dir: Path) -> Optional[str]:
     return tag if tag and (Path(ckpt_dir) / tag).is_dir() else None
 
 
-def save(engine, ckpt_dir: Path, iteration: int, client_state: Dict[str, Any], rank: int, keep: int = 2) -> Path:
-    """Save a checkpoint after ``iteration`` (collective: every rank calls it)."""
+def save(engine, ckpt_dir: Path, iteration: int, client_state: Dict[str, Any], rank: int, keep: int = 2,
+         copies: Optional[Dict[str, torch.nn.Module]] = None) -> Path:
+    """Save a checkpoint after ``iteration`` (collective: every rank calls it).
+
+    ``copies``: full copies of the policy that training keeps beside the engine (e.g. DiffusionNFT's EMA), identical
+    on every rank; rank 0 writes their weights to ``copies.pt``.
+    """
     ckpt_dir = Path(ckpt_dir)
     tag = tag_for(iteration)
     partial = tag + ".partial"
@@ -65,6 +73,8 @@ def save(engine, ckpt_dir: Path, iteration: int, client_state: Dict[str, Any], r
     _barrier()
     engine.save_checkpoint(str(ckpt_dir), tag=partial, client_state=client_state, save_latest=False)
     torch.save(_rng_state(), ckpt_dir / partial / f"rng_rank{rank}.pt")
+    if rank == 0 and copies:
+        torch.save({name: m.state_dict() for name, m in copies.items()}, ckpt_dir / partial / COPIES)
     _barrier()
     if rank == 0:
         final = ckpt_dir / tag
@@ -86,8 +96,9 @@ def _prune_old(ckpt_dir: Path, keep: int) -> None:
         shutil.rmtree(p, ignore_errors=True)
 
 
-def load(engine, ckpt_dir: Path, tag: str, rank: int) -> Dict[str, Any]:
-    """Restore engine, optimizer and RNG; returns the client state saved with the checkpoint."""
+def load(engine, ckpt_dir: Path, tag: str, rank: int,
+         copies: Optional[Dict[str, torch.nn.Module]] = None) -> Dict[str, Any]:
+    """Restore engine, optimizer, RNG and the kept ``copies``; returns the client state saved with the checkpoint."""
     ckpt_dir = Path(ckpt_dir)
     path, client_state = engine.load_checkpoint(str(ckpt_dir), tag=tag, load_optimizer_states=True,
                                                 load_lr_scheduler_states=True)
@@ -96,4 +107,15 @@ def load(engine, ckpt_dir: Path, tag: str, rank: int) -> Dict[str, Any]:
     rng = ckpt_dir / tag / f"rng_rank{rank}.pt"
     if rng.is_file():
         _set_rng_state(torch.load(rng, weights_only=False))
+    if copies:
+        saved = ckpt_dir / tag / COPIES
+        if not saved.is_file():
+            raise FileNotFoundError(f"checkpoint {ckpt_dir / tag} has no {COPIES}: it holds no weights for the kept "
+                                    f"copies {sorted(copies)} this objective needs (written by an older version?)")
+        states = torch.load(saved, map_location="cpu", weights_only=True)
+        missing = sorted(set(copies) - set(states))
+        if missing:
+            raise KeyError(f"{saved} has copies {sorted(states)}, not {missing}")
+        for name, m in copies.items():
+            m.load_state_dict(states[name])
     return client_state or {}

@@ -551,12 +551,12 @@ class Trainer:
                 self.evaluate(it + 1, "during")
             if cfg.train.checkpoint_every and (it + 1) % cfg.train.checkpoint_every == 0:
                 ckpt.save(self.engine, self.run_dir / "checkpoints", it + 1, {"iteration": it + 1},
-                          d.rank, keep=cfg.train.keep_checkpoints)
+                          d.rank, keep=cfg.train.keep_checkpoints, copies=self.copies)
         if bar is not None:
             bar.close()
         if cfg.train.iterations > 0 and self.start_iteration < cfg.train.iterations:
             ckpt.save(self.engine, self.run_dir / "checkpoints", cfg.train.iterations,
-                      {"iteration": cfg.train.iterations}, d.rank, keep=cfg.train.keep_checkpoints)
+                      {"iteration": cfg.train.iterations}, d.rank, keep=cfg.train.keep_checkpoints, copies=self.copies)
         results["after"] = self.evaluate(cfg.train.iterations, "after")
         results["change"] = paired_change(results["before"], results["after"])
         self.export_final()
@@ -645,7 +645,7 @@ class Trainer:
             ckpt_dir, tag = p.parent, p.name
             if not p.is_dir():
                 raise FileNotFoundError(f"train.resume: checkpoint directory not found: {p}")
-        state = ckpt.load(self.engine, ckpt_dir, tag, self.dist.rank)
+        state = ckpt.load(self.engine, ckpt_dir, tag, self.dist.rank, copies=self.copies)
         self.start_iteration = int(state.get("iteration", 0))
         self.logger.truncate_after(self.start_iteration - 1)
         if self.dist.is_main:
