@@ -20,8 +20,8 @@ The sample phase, per iteration:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Callable, Dict
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List
 
 import numpy as np
 import torch
@@ -37,6 +37,50 @@ class Phase:
 
 
 _PHASES: Dict[str, Phase] = {}
+
+
+@dataclass
+class UpdateStats:
+    """What a training phase reports for one iteration: losses, clipping, KL, ratio deviations, skips, grad norm."""
+
+    losses: List[float] = field(default_factory=list)
+    clipped: List[float] = field(default_factory=list)
+    kls: List[float] = field(default_factory=list)
+    ratio_dev_first: float = float("nan")  # max |ratio - 1| in the first micro-batch of the first update
+    ratio_dev_all: float = float("nan")
+    grad_norm: float = float("nan")
+    skipped_micro_steps: int = 0
+    skipped_updates: int = 0
+    backward_calls: int = 0
+
+    def ratio(self, ratio: torch.Tensor, first: bool) -> None:
+        if not ratio.numel():
+            return
+        dev = float((ratio - 1).abs().max())
+        if first:
+            self.ratio_dev_first = dev
+        self.ratio_dev_all = dev if not np.isfinite(self.ratio_dev_all) else max(self.ratio_dev_all, dev)
+
+    def micro(self, out, bad: bool, last: bool, update_skipped: bool) -> None:
+        """Record one backpropagated micro-batch (``out``: the objective's output)."""
+        self.skipped_micro_steps += bad
+        self.backward_calls += 1
+        self.skipped_updates += last and update_skipped
+        self.losses.append(float(out.loss.detach()))
+        self.clipped.append(float(out.clipped_frac))
+        self.kls.append(float(out.kl))
+
+    def end_update(self, engine) -> None:
+        gn = engine.get_global_grad_norm()
+        self.grad_norm = float(gn) if gn is not None else float("nan")
+
+    def summary(self) -> Dict[str, float]:
+        return {
+            "loss": float(np.mean(self.losses)), "grad_norm": self.grad_norm, "ratio_max_dev": self.ratio_dev_first,
+            "ratio_max_dev_all": self.ratio_dev_all, "clip_frac": float(np.mean(self.clipped)),
+            "kl": float(np.mean(self.kls)), "skipped_micro_steps": self.skipped_micro_steps,
+            "skipped_updates": self.skipped_updates,
+        }
 
 
 def register_phase(unit: str, micro_batches: Callable, train: Callable) -> None:
@@ -134,9 +178,7 @@ def _train_samples(trainer, iteration: int, res, adv: np.ndarray, trained: np.nd
     old = {k: torch.cat([p[k] for p in old_parts]) for k in old_parts[0]}
 
     gen = torch.Generator().manual_seed(cfg.train.seed * 1000003 + iteration)
-    losses, clipfr, kls = [], [], []
-    ratio_dev_first, ratio_dev_all = float("nan"), float("nan")
-    grad_norm, skipped, skipped_updates, n_back = float("nan"), 0, 0, 0
+    stats = UpdateStats()
     for update in range(cfg.optim.updates_per_iteration):
         order = torch.randperm(n, generator=gen).numpy() if update else np.arange(n)
         update_skipped = False
@@ -145,34 +187,20 @@ def _train_samples(trainer, iteration: int, res, adv: np.ndarray, trained: np.nd
             idx = _item_index(ids, items.m)
             v = trainer._velocity_cfg(trainer.engine, batch.x_t, batch.t, emb, res.negative)
             out = obj(v, batch, {k: t[idx] for k, t in old.items()}, cfg)
-            if out.ratio.numel():
-                dev_mb = float((out.ratio - 1).abs().max())
-                if update == 0 and mb == 0:
-                    ratio_dev_first = dev_mb
-                ratio_dev_all = dev_mb if not np.isfinite(ratio_dev_all) else max(ratio_dev_all, dev_mb)
+            stats.ratio(out.ratio, first=update == 0 and mb == 0)
             # Weight each micro-batch by its share of samples (DeepSpeed divides by the accumulation steps); SP
             # ranks hold token shards of the same samples, as in the edge phase.
             loss = out.loss * (len(ids) * trainer.n_micro / n) * trainer.sp.loss_scale
             last = mb == trainer.n_micro - 1
             bad, update_skipped = trainer.micro_step(loss, (batch.x_t[:1], batch.t[:1], emb[:1]), last,
                                                      update_skipped)
-            skipped += bad
-            n_back += 1
-            skipped_updates += last and update_skipped
+            stats.micro(out, bad, last, update_skipped)
             if last:
                 obj.after_step(trainer)
-            losses.append(float(out.loss.detach()))
-            clipfr.append(float(out.clipped_frac))
-            kls.append(float(out.kl))
-        gn = trainer.engine.get_global_grad_norm()
-        grad_norm = float(gn) if gn is not None else float("nan")
-    trainer._stats.backward_calls += n_back
+        stats.end_update(trainer.engine)
+    trainer._stats.backward_calls += stats.backward_calls
     trainer._stats.trained_samples = n
-    return {
-        "loss": float(np.mean(losses)), "grad_norm": grad_norm, "ratio_max_dev": ratio_dev_first,
-        "ratio_max_dev_all": ratio_dev_all, "clip_frac": float(np.mean(clipfr)), "kl": float(np.mean(kls)),
-        "skipped_micro_steps": skipped, "skipped_updates": skipped_updates,
-    }
+    return stats.summary()
 
 
 register_phase("samples", _sample_micro_batches, _train_samples)

@@ -32,7 +32,7 @@ from .logging import RunLogger
 from .objectives import get_objective, objective_info
 from .ovf import preview_pruner, survivor_edges
 from .parallel.groups import Dist, init_distributed
-from .phases import get_phase, register_phase
+from .phases import UpdateStats, get_phase, register_phase
 from .pruning import select_trained_edges
 from .rollout import RolloutResult, edge_inputs, rollout
 from .sde import gaussian_log_prob, sde_mean_std
@@ -353,9 +353,7 @@ class Trainer:
             raise LockstepError(f"iteration {iteration}: {edges.size} trained edges on rank {self.dist.rank}, "
                                 f"expected {self.edges_per_iteration} from the config")
         gen = torch.Generator().manual_seed(cfg.train.seed * 1000003 + iteration)
-        ratio_dev_first, losses, clipfr, kls, ratio_dev_all, skipped = float("nan"), [], [], [], 0.0, 0
-        grad_norm = float("nan")
-        n_back = skipped_updates = 0
+        stats = UpdateStats()
         old_means: Dict[int, torch.Tensor] = {}
         for update in range(cfg.optim.updates_per_iteration):
             order = edges[torch.randperm(edges.size, generator=gen).numpy()] if update else edges
@@ -382,30 +380,17 @@ class Trainer:
                                      clip_eps=cfg.objective.clip_eps, kl_coef=cfg.objective.kl_coef,
                                      mean_new=mean, mean_old=mean_old, mean_ref=mean_ref,
                                      std=std.expand(len(ids), *([1] * (x.dim() - 1))), ratio_norm=cfg.objective.ratio_norm)
-                dev = float((out.ratio - 1).abs().max())
-                if update == 0 and mb == 0:
-                    ratio_dev_first = dev
-                ratio_dev_all = max(ratio_dev_all, dev)
+                stats.ratio(out.ratio, first=update == 0 and mb == 0)
                 # Weight each micro-batch by its share of edges; DeepSpeed divides by the accumulation steps.
                 # SP ranks hold token shards of the same samples: DeepSpeed's mean over all ranks times sp_size is
                 # the mean over data-parallel members of the full gradient.
                 loss = out.loss * (len(ids) * self.n_micro / edges.size) * self.sp.loss_scale
                 last = mb == len(chunks) - 1
                 bad, update_skipped = self.micro_step(loss, (x[:1], s[:1], emb[:1]), last, update_skipped)
-                skipped += bad
-                n_back += 1
-                skipped_updates += last and update_skipped
-                losses.append(float(out.loss.detach()))
-                clipfr.append(float(out.clipped_frac))
-                kls.append(float(out.kl))
-            gn = self.engine.get_global_grad_norm()
-            grad_norm = float(gn) if gn is not None else float("nan")
-        self._stats.backward_calls += n_back
-        return {
-            "loss": float(np.mean(losses)), "grad_norm": grad_norm, "ratio_max_dev": ratio_dev_first,
-            "ratio_max_dev_all": ratio_dev_all, "clip_frac": float(np.mean(clipfr)), "kl": float(np.mean(kls)),
-            "skipped_micro_steps": skipped, "skipped_updates": skipped_updates,
-        }
+                stats.micro(out, bad, last, update_skipped)
+            stats.end_update(self.engine)
+        self._stats.backward_calls += stats.backward_calls
+        return stats.summary()
 
     def edge_log_probs(self, module, res: RolloutResult, ids, inputs: Optional["EdgeLogProbs"] = None) -> "EdgeLogProbs":
         """Transition log-probs of the SDE edges ``ids`` under ``module`` (the engine, a reference or a plain copy),
