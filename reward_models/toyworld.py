@@ -163,7 +163,8 @@ def direction_scores(cx: torch.Tensor, cy: torch.Tensor, present: torch.Tensor, 
 
 @register("toyworld")
 class ToyWorldReward:
-    """Callable ``rm(frames uint8 [B, T, H, W, 3], prompts) -> {colour, shape, direction, [temporal_consistency], overall}``.
+    """Callable ``rm(frames uint8 [B, T, H, W, 3], prompts)
+    -> {colour, shape, direction, [temporal_consistency], overall}``.
 
     calibration: path of a JSON file ``{"shape_prototypes": {shape: [[features], ...]}}`` measured on decoded
     ground-truth clips (written by ``tools/pretrain_tiny.py``); ``"auto"`` uses ``assets/toy_wan/toyworld_reward.json``

@@ -121,7 +121,8 @@ def test_bench_iteration_reports_accounting_medians_and_ratios(tiny_bench, tmp_p
             assert p["rollout_fraction_of_matmul_peak"] == pytest.approx(
                 p["rollout_flops"] / run["rollout_s"] / s["matmul"]["peak_flops_per_s"])
         assert dance["ratio_to_baseline"]["iter_ratio"] == 1.0
-        assert mix["ratio_to_baseline"]["iter_ratio"] == pytest.approx(mix["runs"][0]["iter_s"] / dance["runs"][0]["iter_s"])
+        assert mix["ratio_to_baseline"]["iter_ratio"] == pytest.approx(
+            mix["runs"][0]["iter_s"] / dance["runs"][0]["iter_s"])
         assert mix["ratio_to_baseline"]["rollout_per_leaf_ratio"] == pytest.approx(
             mix["runs"][0]["rollout_s"] / dance["runs"][0]["rollout_s"])
         assert mix["ratio_to_baseline"]["forward_pass_ratio"] == pytest.approx(203 / 320)

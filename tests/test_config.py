@@ -75,7 +75,8 @@ def test_unknown_key_in_file_is_rejected(tmp_path):
 
 
 def test_reward_components_accept_free_options():
-    cfg = load_config(None, ["reward.components.toyworld.weight=2", "reward.components.temporal_consistency.weight=0.5"])
+    cfg = load_config(None, ["reward.components.toyworld.weight=2",
+                             "reward.components.temporal_consistency.weight=0.5"])
     assert cfg.reward.components["toyworld"]["weight"] == 2
     assert cfg.reward.components["temporal_consistency"] == {"weight": 0.5}
 

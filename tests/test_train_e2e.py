@@ -102,7 +102,8 @@ def test_two_ranks_write_the_run_directory_contract(tiny_setup, tmp_path):
                         "trained"):
                 assert z[key].shape == (218 + 1,), key
             assert int(z["trained"].sum()) == 218
-            assert np.isnan(z["leaf_reward"][z["depth"] < 20]).all() and np.isfinite(z["leaf_reward"][z["depth"] == 20]).all()
+            assert (np.isnan(z["leaf_reward"][z["depth"] < 20]).all()
+                    and np.isfinite(z["leaf_reward"][z["depth"] == 20]).all())
     # final/ loads with diffusers and generates a clip.
     import diffusers
     import torch
@@ -163,8 +164,10 @@ class Flaky:
         return {{"flaky_test": frames.float().mean(dim=(1, 2, 3, 4)) / 255.0}}
 
 from video_branch.train import main
-sys.exit(main(["--config", {str(cfg)!r}, "--set", "train.run_dir={run}", "--set", "reward.components={{flaky_test: {{weight: 1.0}}}}",
-               "--set", "train.prompt_file={d / 'heldout.txt'}", "--set", "train.dump_trees=true", "--set", "train.iterations=1"]))
+sys.exit(main(["--config", {str(cfg)!r}, "--set", "train.run_dir={run}",
+               "--set", "reward.components={{flaky_test: {{weight: 1.0}}}}",
+               "--set", "train.prompt_file={d / 'heldout.txt'}", "--set", "train.dump_trees=true",
+               "--set", "train.iterations=1"]))
 """
     )
     r = subprocess.run([sys.executable, str(script)], cwd=ROOT, capture_output=True, text=True, timeout=600,

@@ -187,7 +187,8 @@ def test_cli_json_prints_the_acceptance_numbers():
     out = _cli("--method", "branchgrpo_widpru", "--json")
     assert out.returncode == 0, out.stderr
     r = json.loads(out.stdout)
-    assert (r["leaves"], r["forward_passes"], r["edges"], r["sde_edges"], r["trained_edges"]) == (16, 203, 218, 218, 138)
+    assert (r["leaves"], r["forward_passes"], r["edges"], r["sde_edges"],
+            r["trained_edges"]) == (16, 203, 218, 218, 138)
     r = json.loads(_cli("--method", "dancegrpo", "--json").stdout)
     assert (r["forward_passes"], r["edges"], r["trained_edges"]) == (320, 320, 176)
 

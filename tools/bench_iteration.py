@@ -238,8 +238,9 @@ def report(settings: dict[str, dict], baseline: str, goal_rows: list[dict]) -> s
     for name, s in settings.items():
         f = s["forward"]
         tr = f["transformer"]
-        parts.append(f"### {name}: {s['model']} ({tr['parameters'] / 1e6:.2f}M-parameter transformer, {tr['num_layers']} "
-                     f"layers, dim {tr['dim']}, ffn {tr['ffn_dim']}, {tr['tokens_per_sample']} tokens/sample)")
+        parts.append(f"### {name}: {s['model']} ({tr['parameters'] / 1e6:.2f}M-parameter transformer, "
+                     f"{tr['num_layers']} layers, dim {tr['dim']}, ffn {tr['ffn_dim']}, "
+                     f"{tr['tokens_per_sample']} tokens/sample)")
         parts.append(f"forward at batch {s['batch']}: {f['forward_s'] * 1e3:.1f} ms, "
                      f"{f['flops_per_sample'] / 1e9:.3f} GFLOP/sample, matrix-kernel share "
                      f"{f['matrix_share']['share']:.2f}; dense matmul peak "
@@ -249,11 +250,12 @@ def report(settings: dict[str, dict], baseline: str, goal_rows: list[dict]) -> s
             m, r = p["median"], p["ratio_to_baseline"]
             rows.append([label, p["leaves"], int(m["forward_passes"]), int(m["trained_edges"]), m["rollout_s"],
                          m["reward_s"], m["train_s"], m["iter_s"], r["iter_ratio"], r["rollout_train_ratio"],
-                         r["rollout_per_leaf_ratio"], r["train_ratio"], p["rollout_flops_per_s"] / 1e9, p["rollout_fraction_of_matmul_peak"]])
+                         r["rollout_per_leaf_ratio"], r["train_ratio"], p["rollout_flops_per_s"] / 1e9,
+                         p["rollout_fraction_of_matmul_peak"]])
         parts.append(bc.markdown_table(
             ["preset", "leaves", "fwd passes", "trained edges", "rollout s", "reward s", "train s", "iter s",
-             f"iter / {baseline}", f"rollout+train / {baseline}", f"rollout per leaf / {baseline}", f"train / {baseline}", "rollout GFLOP/s",
-             "of matmul peak"], rows))
+             f"iter / {baseline}", f"rollout+train / {baseline}", f"rollout per leaf / {baseline}",
+             f"train / {baseline}", "rollout GFLOP/s", "of matmul peak"], rows))
         parts.append("")
     if goal_rows:
         parts.append(bc.markdown_table(["setting", "preset", "goal", "against", "measured", "bound", "met"],

@@ -1,6 +1,6 @@
 """Pretrain the embedded default model on toy-world clips and save it as a diffusers directory.
 
-    python tools/pretrain_tiny.py --out assets/toy_wan            # the shipped model (~12 min on an idle 2-core machine)
+    python tools/pretrain_tiny.py --out assets/toy_wan           # the shipped model (~12 min on an idle 2-core machine)
 
 Stages, each with a progress bar: (1) render a fixed dataset of clips for the training prompts; (2) train the VAE to
 reconstruct them (ToyVAE by default, ``--vae wan`` for AutoencoderKLWan); (3) calibrate the reward's shape references
@@ -267,7 +267,8 @@ def main(argv=None) -> dict:
     opt = torch.optim.AdamW(groups, weight_decay=0.01)
     warmup = min(200, args.steps // 10)
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / max(1, warmup)) * (0.5 * (1 + math.cos(math.pi * min(s, args.steps) / args.steps)) * 0.9 + 0.1))
+        opt, lambda s: min(1.0, (s + 1) / max(1, warmup))
+                       * (0.5 * (1 + math.cos(math.pi * min(s, args.steps) / args.steps)) * 0.9 + 0.1))
     gen = torch.Generator().manual_seed(args.seed + 4)
     val_prompts = [train_prompts[i % len(train_prompts)].text for i in range(args.eval_clips)]
     val_seeds = [10_000 + i for i in range(args.eval_clips)]

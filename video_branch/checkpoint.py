@@ -1,9 +1,10 @@
 """Atomic, resumable DeepSpeed checkpoints.
 
 Layout under ``<run_dir>/checkpoints/``: ``iter_NNNNNN/`` (DeepSpeed's files, the client state and each rank's RNG
-state, and ``copies.pt`` with the full policy copies an objective keeps, such as DiffusionNFT's EMA) and ``latest`` (the tag of the newest complete checkpoint). A checkpoint is written under a ``.partial`` name
-and renamed only after every rank has finished, and ``latest`` is replaced atomically after that, so a crash during
-a save leaves the previous checkpoint as the one that resumes.
+state, and ``copies.pt`` with the full policy copies an objective keeps, such as DiffusionNFT's EMA) and ``latest``
+(the tag of the newest complete checkpoint). A checkpoint is written under a ``.partial`` name and renamed only after
+every rank has finished, and ``latest`` is replaced atomically after that, so a crash during a save leaves the
+previous checkpoint as the one that resumes.
 """
 
 from __future__ import annotations

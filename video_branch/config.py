@@ -45,7 +45,8 @@ class LoraConfig:
 class ModelConfig:
     path: str = _f("assets/toy_wan", help="local diffusers-format Wan directory")
     dtype: Literal["float32", "bfloat16", "float16"] = _f("float32", help="compute dtype of the transformer")
-    attention_backend: Literal["native", "xformers", "flash"] = _f("native", help="native on CPU; xformers/flash need a GPU")
+    attention_backend: Literal["native", "xformers", "flash"] = _f("native",
+                                                                    help="native on CPU; xformers/flash need a GPU")
     gradient_checkpointing: bool = _f(False, help="activation checkpointing in the transformer blocks")
     max_sequence_length: int = _f(512, help="text tokens per prompt", min=1)
     text_pad_to: int = _f(0, help="cross-attend as if prompts were zero-padded to this many tokens (exact; "
@@ -124,7 +125,8 @@ class PruneConfig:
     width: Literal["none", "parent_top1", "extreme_b"] = _f("none", help="width pruning after the last split")
     width_b: int = _f(1, help="extreme_b: best and worst chains kept", min=1)
     depth_window: int = _f(0, help="depth pruning: depths dropped from backprop (0 = off)", min=0)
-    depth_start: Optional[int] = _f(None, help="first pruned depth at iteration 0 (default: after the last split)", min=0)
+    depth_start: Optional[int] = _f(None, help="first pruned depth at iteration 0 (default: after the last split)",
+                                    min=0)
     depth_slide_interval: int = _f(30, help="iterations between window moves", min=1)
     depth_direction: Literal["later", "earlier"] = _f("later", help="direction the depth window slides")
     depth_stop: Optional[int] = _f(None, help="depth at which the window stops sliding", min=0)
@@ -175,7 +177,8 @@ class ParallelConfig:
     zero_stage: int = _f(3, help="DeepSpeed ZeRO stage", min=0, max=3)
     ds_config: str = _f("configs/ds/zero3_cpu.json", help="DeepSpeed JSON config")
     backend: Literal["auto", "gloo", "nccl"] = _f("auto", help="process-group backend (auto: nccl on GPU, gloo on CPU)")
-    cpu_shm_allreduce: bool = _f(False, help="DeepSpeed's shared-memory CPU all-reduce (JIT-compiles a C++ op on first use)")
+    cpu_shm_allreduce: bool = _f(False, help="DeepSpeed's shared-memory CPU all-reduce "
+                                             "(JIT-compiles a C++ op on first use)")
 
 
 @dataclass
@@ -415,7 +418,8 @@ def _check_override_key(key: str) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------------- loading
-def load_config(path: Optional[str | Path] = None, overrides: Sequence[str] = (), method: Optional[str] = None) -> Config:
+def load_config(path: Optional[str | Path] = None, overrides: Sequence[str] = (),
+                method: Optional[str] = None) -> Config:
     """Resolve defaults <- preset <- YAML file <- overrides, and validate."""
     from .methods import get_preset
 
@@ -467,7 +471,8 @@ def validate(cfg: Config) -> None:
         if not 0 <= s < n:
             raise ConfigError(f"config key 'tree.split_steps': step {s} is outside [0, {n - 1}] (tree.num_steps={n})")
     if sorted(set(cfg.tree.split_steps)) != list(cfg.tree.split_steps):
-        raise ConfigError(f"config key 'tree.split_steps': expected strictly increasing steps, got {cfg.tree.split_steps}")
+        raise ConfigError(f"config key 'tree.split_steps': expected strictly increasing steps, "
+                          f"got {cfg.tree.split_steps}")
     if cfg.tree.random_split.enabled and not 0 <= cfg.tree.random_split.low <= cfg.tree.random_split.high < n:
         raise ConfigError(
             f"config keys 'tree.random_split.low/high': expected 0 <= low <= high < {n}, "

@@ -46,7 +46,8 @@ def get_objective(name: str):
     if name not in _OBJECTIVES:
         close = difflib.get_close_matches(name, list(_OBJECTIVES), n=1)
         hint = f"; did you mean '{close[0]}'?" if close else ""
-        raise KeyError(f"config key 'objective.name': unknown objective '{name}'{hint}. Accepted: {sorted(_OBJECTIVES)}")
+        raise KeyError(f"config key 'objective.name': unknown objective '{name}'{hint}. "
+                       f"Accepted: {sorted(_OBJECTIVES)}")
     return _OBJECTIVES[name]
 
 

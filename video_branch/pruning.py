@@ -79,7 +79,7 @@ def _descendants_of(tree: Tree, seeds: np.ndarray) -> np.ndarray:
     return below
 
 
-# ----------------------------------------------------------------------------------------------------------- depth window
+# ------------------------------------------------------------------------------------------------------ depth window
 def depth_window(cfg: Any, max_depth: int, first_depth: int, iteration: int) -> tuple[int, int]:
     """Inclusive child-depth range ``(lo, hi)`` dropped by depth pruning at ``iteration``; ``(0, -1)`` when off.
 

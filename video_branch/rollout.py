@@ -6,9 +6,10 @@ model once per parent and samples its K children from correlated noise around th
 gives each node one child, by an SDE or an ODE step.
 
 Randomness is per tree: tree ``t`` draws from its own generator seeded with ``seeds[t]``, in a fixed order (its
-roots, then at each SDE step the noise of all its children in one draw, before the step is micro-batched). The result therefore does not depend on the micro-batch
-size nor on which trees share a batch, and ranks of one sequence-parallel group given the same seeds draw the same
-noise. Noise is drawn on the CPU so it is also the same on any device.
+roots, then at each SDE step the noise of all its children in one draw, before the step is micro-batched). The
+result therefore does not depend on the micro-batch size nor on which trees share a batch, and ranks of one
+sequence-parallel group given the same seeds draw the same noise. Noise is drawn on the CPU so it is also the same
+on any device.
 
 Expand-and-Prune (``spec.survivors``): before a checkpoint step the live nodes' previews (the ``x0_hat`` of the
 evaluation that produced them) go to ``prune_fn``, which returns the nodes that go on; their contents are moved into
@@ -46,7 +47,8 @@ class RolloutResult:
     edge_eta        ``[num_nodes]`` float32: noise level of the edge into each node (NaN for roots and ODE edges)
     edge_std        ``[num_nodes]`` float32: std of that edge's Gaussian transition (NaN where none)
     leaf_latents    ``[L, *latent_shape]`` final latents of ``tree.leaves()``, in that order
-    leaf_x0_hat     ``[L, *latent_shape]`` the last step's ``x0_hat = x - s v`` per leaf (``reward_on="x0_hat"``), or None
+    leaf_x0_hat     ``[L, *latent_shape]`` the last step's ``x0_hat = x - s v`` per leaf (``reward_on="x0_hat"``),
+                    or None
     forward_passes  model evaluations per node summed over the rollout (CFG counts two)
     model_calls     calls of ``model_fn``
     logprob_reduce  reduction of the stored log-probs ("mean" or "sum" over latent elements)

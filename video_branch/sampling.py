@@ -227,7 +227,8 @@ def base_model_path(run_dir: Path) -> Path:
     base = (cfg.get("model") or {}).get("path")
     if not base:
         raise ValueError(f"{run_dir / 'config.yaml'}: no model.path (the base model of the run's checkpoints)")
-    candidates = [Path(base)] if Path(base).is_absolute() else [Path(base), run_dir / base, run_dir.parent.parent / base]
+    candidates = ([Path(base)] if Path(base).is_absolute()
+                  else [Path(base), run_dir / base, run_dir.parent.parent / base])
     for c in candidates:
         if (c / "model_index.json").is_file():
             return c

@@ -2,7 +2,7 @@
 
 ALGORITHMS.md section 8. A whole generation is one action; its log-likelihood is replaced by ``-L(x0)`` with
 
-    L(x0) = mean over M (t, eps) pairs of  w * mean_elements (v_theta(x_t, t) - (eps - x0))^2,   x_t = (1 - t) x0 + t eps
+    L(x0) = mean over M (t, eps) pairs of  w * mean_elements (v_theta(x_t, t) - (eps - x0))^2,  x_t = (1 - t) x0 + t eps
 
 Variance reduction: the M pairs are shared by every sample of a group (one prompt), the M times are stratified
 (one per equal sub-interval of [0, 1)), and each pair's weight is ``1 / mean|error|`` (detached).

@@ -379,7 +379,8 @@ class Trainer:
                                                                      device=self.dist.device),
                                      clip_eps=cfg.objective.clip_eps, kl_coef=cfg.objective.kl_coef,
                                      mean_new=mean, mean_old=mean_old, mean_ref=mean_ref,
-                                     std=std.expand(len(ids), *([1] * (x.dim() - 1))), ratio_norm=cfg.objective.ratio_norm)
+                                     std=std.expand(len(ids), *([1] * (x.dim() - 1))),
+                                     ratio_norm=cfg.objective.ratio_norm)
                 stats.ratio(out.ratio, first=update == 0 and mb == 0)
                 # Weight each micro-batch by its share of edges; DeepSpeed divides by the accumulation steps.
                 # SP ranks hold token shards of the same samples: DeepSpeed's mean over all ranks times sp_size is
@@ -392,7 +393,8 @@ class Trainer:
         self._stats.backward_calls += stats.backward_calls
         return stats.summary()
 
-    def edge_log_probs(self, module, res: RolloutResult, ids, inputs: Optional["EdgeLogProbs"] = None) -> "EdgeLogProbs":
+    def edge_log_probs(self, module, res: RolloutResult, ids,
+                       inputs: Optional["EdgeLogProbs"] = None) -> "EdgeLogProbs":
         """Transition log-probs of the SDE edges ``ids`` under ``module`` (the engine, a reference or a plain copy),
         recomputed from the rollout's stored parent/child latents by the path the rollout used. ``inputs``: reuse
         the tensors of an earlier call on the same edges."""

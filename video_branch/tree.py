@@ -463,8 +463,8 @@ def config_accounting(cfg, iteration: int = 0) -> Dict[str, Any]:
 _COLUMNS = (
     ("method", "method", "{}"), ("leaves", "leaves", "{}"), ("forward_passes", "fwd passes", "{}"),
     ("fwd_per_leaf", "fwd/leaf", "{:.2f}"), ("edges", "edges", "{}"), ("sde_edges", "sde edges", "{}"),
-    ("trained_edges", "trained", "{}"), ("trained_per_leaf", "trained/leaf", "{:.3f}"), ("trained_samples", "trained samples", "{}"),
-    ("sde_steps", "sde steps", "{}"),
+    ("trained_edges", "trained", "{}"), ("trained_per_leaf", "trained/leaf", "{:.3f}"),
+    ("trained_samples", "trained samples", "{}"), ("sde_steps", "sde steps", "{}"),
 )
 
 

@@ -48,7 +48,8 @@ def valid_sp_degrees(num_heads: int, world_size: int) -> list[int]:
 
 
 def check_sp_degree(num_heads: int, sp_size: int, world_size: int | None = None) -> None:
-    """Raise ValueError naming `parallel.sp_size` and the valid degrees unless `sp_size` divides the heads (and world)."""
+    """Raise ValueError naming `parallel.sp_size` and the valid degrees unless `sp_size` divides the heads
+    (and world)."""
     world = sp_size if world_size is None else world_size
     if sp_size >= 1 and num_heads % sp_size == 0 and world % sp_size == 0:
         return

@@ -76,7 +76,8 @@ def main(argv=None) -> dict[str, dict[str, float]]:
     ap.add_argument("--guidance", type=float, default=4.0)
     ap.add_argument("--temporal", choices=["auto", "on", "off"], default="auto",
                     help="include temporal_consistency in overall (auto: when reward_models.temporal exists)")
-    ap.add_argument("--calibration", default=None, help="reward calibration JSON (default: <model>/toyworld_reward.json)")
+    ap.add_argument("--calibration", default=None,
+                    help="reward calibration JSON (default: <model>/toyworld_reward.json)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", default=None, help="also write the summary here")
     args = ap.parse_args(argv)

@@ -50,7 +50,8 @@ def parse_prompt(text: str) -> Prompt:
             f"(colours {list(COLOURS)}, shapes {list(SHAPES)}, directions {list(DIRECTIONS)})"
         )
     colour, shape, direction = (w.lower() for w in m.groups())
-    for word, allowed, kind in ((colour, COLOURS, "colour"), (shape, SHAPES, "shape"), (direction, DIRECTIONS, "direction")):
+    for word, allowed, kind in ((colour, COLOURS, "colour"), (shape, SHAPES, "shape"),
+                                (direction, DIRECTIONS, "direction")):
         if word not in allowed:
             raise ValueError(f"toy-world prompt {text!r}: unknown {kind} {word!r}; expected one of {list(allowed)}")
     return Prompt(colour, shape, direction)

@@ -89,7 +89,8 @@ class ToyVAE(ModelMixin, ConfigMixin):
             raise ValueError(f"ToyVAE.{what}: expected [B, {channels}, T, H, W], got {tuple(x.shape)}")
 
     def encode(self, x: torch.Tensor, return_dict: bool = True):
-        """x [B, 3, F, H, W] in [-1, 1], F = 4k + 1, H and W multiples of 8 -> posterior over [B, z, k + 1, H/8, W/8]."""
+        """x [B, 3, F, H, W] in [-1, 1], F = 4k + 1, H and W multiples of 8 -> posterior over
+        [B, z, k + 1, H/8, W/8]."""
         self._check(x, "encode", 3)
         f, h, w = x.shape[2:]
         if (f - 1) % 4 or h % 8 or w % 8:
