@@ -23,6 +23,34 @@ def read_metrics(path: str | Path) -> List[Dict[str, Any]]:
     return rows
 
 
+def archive_previous_run(run_dir: str | Path) -> Optional[Path]:
+    """Move an earlier run's files out of ``run_dir`` before a run starts from iteration 0 there.
+
+    A fresh start (``train.resume: never``, or ``auto`` with no checkpoint) into a directory that already holds files
+    would otherwise append to the old metrics and leave its ``final/`` and evaluations beside the new ones. Nothing
+    is deleted: the old contents move to a sibling ``<run_dir>.prev-<UTC time>`` (a message says where). Returns that
+    directory, or None when ``run_dir`` is missing or empty.
+    """
+    import shutil
+    import time
+
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir() or not any(run_dir.iterdir()):
+        return None
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    dest = run_dir.with_name(f"{run_dir.name}.prev-{stamp}")
+    n = 1
+    while dest.exists():
+        n += 1
+        dest = run_dir.with_name(f"{run_dir.name}.prev-{stamp}-{n}")
+    dest.mkdir(parents=True)
+    for entry in sorted(run_dir.iterdir()):
+        shutil.move(str(entry), str(dest / entry.name))
+    print(f"video_branch: {run_dir} held an earlier run that this one does not resume; moved it to {dest}",
+          flush=True)
+    return dest
+
+
 class RunLogger:
     def __init__(self, run_dir: Path, *, enabled: bool, tensorboard: bool = True, plot_every: int = 1):
         self.run_dir = Path(run_dir)

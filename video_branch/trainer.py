@@ -28,7 +28,7 @@ from . import checkpoint as ckpt
 from .config import Config
 from .credit import assign_credit, leaf_vector
 from .data import iteration_prompts, read_prompts, tree_seed
-from .logging import RunLogger
+from .logging import RunLogger, archive_previous_run
 from .objectives import get_objective, objective_info
 from .ovf import preview_pruner, survivor_edges
 from .parallel.groups import Dist, init_distributed
@@ -156,6 +156,9 @@ class Trainer:
         self.dist: Dist = init_distributed(cfg.parallel.sp_size, cfg.parallel.backend, cfg.train.device,
                                                 cfg.parallel.cpu_shm_allreduce, cfg.train.cpu_threads)
         torch.manual_seed(cfg.train.seed + self.dist.rank)
+        if self.dist.is_main and not self._resumes():
+            archive_previous_run(self.run_dir)
+        self.dist.barrier()
         self._build_models()
         self._build_engine()
         self.logger = RunLogger(self.run_dir, enabled=self.dist.is_main, tensorboard=cfg.logging.tensorboard,
@@ -617,6 +620,15 @@ class Trainer:
                  step=t.step, sde=t.sde, logp=t.logp, leaf_reward=leaf_reward.astype(np.float32),
                  value=values.astype(np.float32), advantage=adv.astype(np.float32), trained=trained,
                  **{f"reward/{k}": v.astype(np.float32) for k, v in rewards.items()})
+
+    def _resumes(self) -> bool:
+        """Whether this run continues from a checkpoint (decided from the config and the run directory alone)."""
+        resume = self.cfg.train.resume
+        if resume == "never":
+            return False
+        if resume == "auto":
+            return ckpt.latest_tag(self.run_dir / "checkpoints") is not None
+        return True
 
     def _maybe_resume(self) -> None:
         cfg = self.cfg
