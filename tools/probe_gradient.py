@@ -27,7 +27,9 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import sys
+import tempfile
 from pathlib import Path
 from typing import Dict, List
 
@@ -163,9 +165,6 @@ def main(argv=None) -> None:
     args.overrides = list(args.overrides or []) + ["logging.tensorboard=false", "logging.progress=false"]
     cfg = config_from_args(args)
     sizes = [float(x) for x in args.step_sizes.split(",") if x.strip()]
-    import os
-    import tempfile
-
     if int(os.environ.get("WORLD_SIZE", "1")) != 1:
         raise SystemExit("probe_gradient runs in a single process (python tools/probe_gradient.py ...)")
     from video_branch.trainer import Trainer

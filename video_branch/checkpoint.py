@@ -20,9 +20,7 @@ import torch
 import torch.distributed as dist
 
 LATEST = "latest"
-
-
-COPIES = "copies.pt"
+COPIES = "copies.pt"  # the kept policy copies (see save)
 
 
 def tag_for(iteration: int) -> str:
