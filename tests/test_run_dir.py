@@ -6,7 +6,7 @@ from types import SimpleNamespace
 
 from video_branch import checkpoint as ckpt
 from video_branch.logging import archive_previous_run
-from video_branch.trainer import Trainer
+from video_branch.trainer import resume_point
 
 
 def _old_run(d):
@@ -39,11 +39,12 @@ def test_archive_leaves_missing_or_empty_directories_alone(tmp_path):
 
 def test_only_runs_that_continue_from_a_checkpoint_keep_the_directory(tmp_path):
     def resumes(resume):
-        fake = SimpleNamespace(cfg=SimpleNamespace(train=SimpleNamespace(resume=resume)), run_dir=tmp_path)
-        return Trainer._resumes(fake)
+        return resume_point(SimpleNamespace(train=SimpleNamespace(resume=resume)), tmp_path) is not None
 
     assert not resumes("never") and not resumes("auto")  # no checkpoint yet: auto starts fresh
     (tmp_path / "checkpoints" / ckpt.tag_for(3)).mkdir(parents=True)
     (tmp_path / "checkpoints" / ckpt.LATEST).write_text(ckpt.tag_for(3) + "\n")
     assert resumes("auto") and not resumes("never")
     assert resumes(str(tmp_path / "checkpoints" / ckpt.tag_for(3)))
+    assert resume_point(SimpleNamespace(train=SimpleNamespace(resume="auto")), tmp_path) == (
+        tmp_path / "checkpoints", ckpt.tag_for(3))

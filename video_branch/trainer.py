@@ -107,7 +107,20 @@ class Batch:
     adv: np.ndarray
     trained: np.ndarray
     rollout_s: float
-    reward_s: float
+    reward_s: float  # decode + reward (credit and pruning are not included)
+
+
+def resume_point(cfg: Config, run_dir: Path) -> Optional[tuple[Path, str]]:
+    """(checkpoint directory, tag) that this run continues from, or None for a fresh start (decided from the config
+    and the run directory alone): ``never``; ``auto`` without a complete checkpoint; else the given path."""
+    resume = cfg.train.resume
+    if resume == "never":
+        return None
+    if resume == "auto":
+        tag = ckpt.latest_tag(Path(run_dir) / "checkpoints")
+        return None if tag is None else (Path(run_dir) / "checkpoints", tag)
+    p = Path(resume)
+    return p.parent, p.name
 
 
 def latent_shape(cfg: Config, vae) -> tuple:
@@ -156,7 +169,7 @@ class Trainer:
         self.dist: Dist = init_distributed(cfg.parallel.sp_size, cfg.parallel.backend, cfg.train.device,
                                                 cfg.parallel.cpu_shm_allreduce, cfg.train.cpu_threads)
         torch.manual_seed(cfg.train.seed + self.dist.rank)
-        if self.dist.is_main and not self._resumes():
+        if self.dist.is_main and resume_point(cfg, self.run_dir) is None:
             archive_previous_run(self.run_dir)
         self.dist.barrier()
         self._build_models()
@@ -570,6 +583,7 @@ class Trainer:
         t1 = time.perf_counter()
         phase("reward")
         rewards = self._score(res)
+        t2 = time.perf_counter()
         weights = {k: float(v.get("weight", 1.0)) for k, v in cfg.reward.components.items()}
         named = {k: rewards[k] for k in weights}  # the weighted components; sub-scores are logged only
         values, adv = assign_credit(res.tree, named, weights, cfg.credit)
@@ -577,7 +591,7 @@ class Trainer:
                                                                                                d.dp_rank, 0xED6E]))
         trained &= survivor_edges(res.tree, res.spec)
         self._stats.trained_edges = int(trained.sum())
-        return Batch(res, rewards, weights, values, adv, trained, t1 - t0, time.perf_counter() - t1)
+        return Batch(res, rewards, weights, values, adv, trained, t1 - t0, t2 - t1)
 
     def train_iteration(self, it: int, bar=None) -> Dict[str, float]:
         cfg, d = self.cfg, self.dist
@@ -586,7 +600,7 @@ class Trainer:
         phase = (lambda p: bar.set_postfix(phase=p)) if bar is not None else (lambda p: None)
         b = self.prepare_batch(it, phase)
         res, rewards, values, adv, trained, weights = b.res, b.rewards, b.values, b.adv, b.trained, b.weights
-        t2 = time.perf_counter()
+        t2 = t0 + b.rollout_s + b.reward_s  # credit and pruning count as training time, as they always have
         phase("train")
         train_stats = self.training_phase.train(self, it, res, adv, trained)
         t3 = time.perf_counter()
@@ -621,29 +635,13 @@ class Trainer:
                  value=values.astype(np.float32), advantage=adv.astype(np.float32), trained=trained,
                  **{f"reward/{k}": v.astype(np.float32) for k, v in rewards.items()})
 
-    def _resumes(self) -> bool:
-        """Whether this run continues from a checkpoint (decided from the config and the run directory alone)."""
-        resume = self.cfg.train.resume
-        if resume == "never":
-            return False
-        if resume == "auto":
-            return ckpt.latest_tag(self.run_dir / "checkpoints") is not None
-        return True
-
     def _maybe_resume(self) -> None:
-        cfg = self.cfg
-        if cfg.train.resume == "never":
+        point = resume_point(self.cfg, self.run_dir)
+        if point is None:
             return
-        ckpt_dir = self.run_dir / "checkpoints"
-        if cfg.train.resume == "auto":
-            tag = ckpt.latest_tag(ckpt_dir)
-            if tag is None:
-                return
-        else:
-            p = Path(cfg.train.resume)
-            ckpt_dir, tag = p.parent, p.name
-            if not p.is_dir():
-                raise FileNotFoundError(f"train.resume: checkpoint directory not found: {p}")
+        ckpt_dir, tag = point
+        if not (ckpt_dir / tag).is_dir():
+            raise FileNotFoundError(f"train.resume: checkpoint directory not found: {ckpt_dir / tag}")
         state = ckpt.load(self.engine, ckpt_dir, tag, self.dist.rank, copies=self.copies)
         self.start_iteration = int(state.get("iteration", 0))
         self.logger.truncate_after(self.start_iteration - 1)
