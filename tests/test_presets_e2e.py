@@ -36,7 +36,7 @@ def runs(tmp_path_factory):
     image = out / "image.yaml"
     image.write_text(yaml.safe_dump({"method": "branchgrpo",
                                      "model": {"path": "assets/toy_wan", "max_sequence_length": 16, "text_pad_to": 512},
-                                     "video": {"num_frames": 1, "height": 64, "width": 64},
+                                     "video": {"num_frames": 1, "height": 32, "width": 32},
                                      "reward": {"components": {"toyworld": {"weight": 1.0}}}}))
     configs = [*map(str, TINY), f"image={image}"]
     sets = [a for o in SHRINK for a in ("--set", o)]

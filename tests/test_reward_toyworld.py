@@ -20,9 +20,10 @@ def rm():
     return ToyWorldReward(calibration=None, temporal=False)
 
 
-@pytest.fixture(scope="module")
-def gt():
-    return torch.from_numpy(render_batch(PROMPTS, list(range(500, 500 + len(PROMPTS)))))
+@pytest.fixture(scope="module", params=[32, 64], ids=["32px", "64px"])
+def gt(request):
+    """Ground truth at the embedded default's frame size (32) and at the size the geometry is defined at (64)."""
+    return torch.from_numpy(render_batch(PROMPTS, list(range(500, 500 + len(PROMPTS))), size=request.param))
 
 
 def _swap(prompt: str, position: int, mapping: dict) -> str:
@@ -69,7 +70,7 @@ def test_opposite_and_perpendicular_directions_score_zero(rm, gt, mapping):
 
 def _clip_with_speed(prompt: str, seed: int, fraction: float) -> torch.Tensor:
     """A ground-truth clip re-rendered with its motion scaled by `fraction` around the first frame."""
-    clip, params = render_clip_with_params(prompt, seed)
+    clip, params = render_clip_with_params(prompt, seed, size=64)
     p = parse_prompt(prompt)
     start = params.centres[0]
     frames = []
@@ -131,8 +132,9 @@ def test_bad_frames_raise(rm, gt):
 
 
 def _blur(frames: torch.Tensor) -> torch.Tensor:
-    arr = frames.numpy().reshape(-1, 64, 64, 3)
-    out = np.stack([cv2.GaussianBlur(f, (0, 0), 1.6) for f in arr])
+    size = frames.shape[-2]
+    arr = frames.numpy().reshape(-1, size, size, 3)
+    out = np.stack([cv2.GaussianBlur(f, (0, 0), 1.6 * size / 64) for f in arr])
     return torch.from_numpy(out).view_as(frames)
 
 
@@ -144,7 +146,7 @@ def test_calibration_on_degraded_clips_restores_shape_scores(rm, gt, tmp_path):
     path = tmp_path / "cal.json"
     path.write_text(json.dumps({"shape_prototypes": {s: [ref[s]] for s in SHAPES}}))
     calibrated = ToyWorldReward(calibration=str(path), temporal=False)
-    test = _blur(torch.from_numpy(render_batch(PROMPTS, list(range(900, 900 + len(PROMPTS))))))
+    test = _blur(torch.from_numpy(render_batch(PROMPTS, list(range(900, 900 + len(PROMPTS))), size=gt.shape[-2])))
     before = rm(test, PROMPTS)["shape"].mean()
     after = calibrated(test, PROMPTS)["shape"].mean()
     assert after > 0.9 and after > before

@@ -32,7 +32,7 @@ from reward_models.toyworld import ToyWorldReward, reference_features
 from video_branch.models.tiny import build_tiny_wan
 from video_branch.toyworld.generate import generate
 from video_branch.toyworld.grammar import split_prompts, vocabulary
-from video_branch.toyworld.render import render_batch
+from video_branch.toyworld.render import DEFAULT_FRAMES, DEFAULT_SIZE, render_batch
 from video_branch.toyworld.short_text import short_embeddings, short_text_attention
 from video_branch.toyworld.vae import ToyVAE
 
@@ -52,8 +52,8 @@ def parse_args(argv=None):
     p.add_argument("--log-dir", default=None, help="where to write the log and loss curve (default: --out)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared 2-core machine)")
-    p.add_argument("--frames", type=int, default=9)
-    p.add_argument("--size", type=int, default=64)
+    p.add_argument("--frames", type=int, default=DEFAULT_FRAMES)
+    p.add_argument("--size", type=int, default=DEFAULT_SIZE, help="frame height and width")
     p.add_argument("--clips-per-prompt", type=int, default=32, help="dataset clips per training prompt")
     p.add_argument("--vae", choices=["toy", "wan"], default="toy")
     p.add_argument("--vae-steps", type=int, default=400)
@@ -180,8 +180,8 @@ def flow_matching_loss(transformer, x0, emb, shift: float, gen: torch.Generator)
     return F.mse_loss(pred.float(), noise - x0)
 
 
-def validate(pipe, reward, prompts, seeds, guidance: float) -> dict:
-    frames = generate(pipe, prompts, seeds, guidance_scale=guidance)
+def validate(pipe, reward, prompts, seeds, guidance: float, num_frames: int, size: int) -> dict:
+    frames = generate(pipe, prompts, seeds, guidance_scale=guidance, num_frames=num_frames, size=size)
     scores = reward(frames, prompts)
     return {k: float(v.mean()) for k, v in scores.items()}
 
@@ -277,7 +277,7 @@ def main(argv=None) -> dict:
     def checkpoint(step):
         transformer.eval()
         text_encoder.eval()
-        v = validate(pipe, reward, val_prompts, val_seeds, args.guidance)
+        v = validate(pipe, reward, val_prompts, val_seeds, args.guidance, args.frames, args.size)
         v["step"] = step
         log["validation"].append(v)
         checkpoints[step] = (copy.deepcopy(transformer.state_dict()), copy.deepcopy(text_encoder.state_dict()))

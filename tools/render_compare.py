@@ -324,8 +324,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="flow shift (default: the first model's scheduler config, else 3.0)")
     p.add_argument("--frames", type=int, default=None, help="frames per clip, 4k+1 (default: run config, else 9)")
     p.add_argument("--height", type=int, default=None,
-                   help="clip height, multiple of 16 (default: run config, else 64)")
-    p.add_argument("--width", type=int, default=None, help="clip width, multiple of 16 (default: run config, else 64)")
+                   help="clip height, multiple of 16 (default: run config, else 32)")
+    p.add_argument("--width", type=int, default=None, help="clip width, multiple of 16 (default: run config, else 32)")
     p.add_argument("--fps", type=float, default=None, help="frames per second of the mp4 (default: run config, else 8)")
     p.add_argument("--resolution", metavar="HxW", help="shorthand for --height and --width, e.g. 480x832")
     p.add_argument("--scale", type=int, default=0,

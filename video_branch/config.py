@@ -57,8 +57,8 @@ class ModelConfig:
 @dataclass
 class VideoConfig:
     num_frames: int = _f(9, help="frames per clip, 4k+1 (1 = image)", min=1)
-    height: int = _f(64, help="pixels, multiple of 16", min=16)
-    width: int = _f(64, help="pixels, multiple of 16", min=16)
+    height: int = _f(32, help="pixels, multiple of 16", min=16)
+    width: int = _f(32, help="pixels, multiple of 16", min=16)
     fps: int = _f(8, help="frames per second of written clips", min=1)
 
 

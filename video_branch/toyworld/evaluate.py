@@ -20,6 +20,7 @@ import torch
 
 from .generate import generate
 from .grammar import read_prompt_file
+from .render import DEFAULT_FRAMES, DEFAULT_SIZE
 
 Z95 = 1.959963984540054
 
@@ -45,14 +46,29 @@ def stratified_mean_ci(values: torch.Tensor, groups: Sequence[int]) -> dict[str,
 
 
 def evaluate(pipe, reward, prompts: list[str], clips_per_prompt: int = 8, seed: int = 0,
-             num_inference_steps: int = 20, guidance_scale: float = 4.0) -> dict[str, dict[str, float]]:
+             num_inference_steps: int = 20, guidance_scale: float = 4.0, num_frames: int = DEFAULT_FRAMES,
+             size: int = DEFAULT_SIZE) -> dict[str, dict[str, float]]:
     """Generate ``clips_per_prompt`` clips per prompt, score them, and summarise each reward term."""
     flat = [p for p in prompts for _ in range(clips_per_prompt)]
     groups = [i for i in range(len(prompts)) for _ in range(clips_per_prompt)]
     seeds = [seed + 1000 * g + i for g in range(len(prompts)) for i in range(clips_per_prompt)]
-    frames = generate(pipe, flat, seeds, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale)
+    frames = generate(pipe, flat, seeds, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+                      num_frames=num_frames, size=size)
     scores = reward(frames, flat)
     return {k: stratified_mean_ci(v, groups) for k, v in scores.items()}
+
+
+def native_clip(model: str) -> tuple[int, int]:
+    """(num_frames, size) a toy-world model was pretrained on, from its ``pretrain_log.json`` (written by
+    ``tools/pretrain_tiny.py``); the toy world's defaults when the directory has no log."""
+    log = Path(model) / "pretrain_log.json"
+    if not log.exists():
+        return DEFAULT_FRAMES, DEFAULT_SIZE
+    try:
+        args = json.loads(log.read_text())["args"]
+        return int(args["frames"]), int(args["size"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{log}: expected a JSON object with args.frames and args.size ({e})") from e
 
 
 def load_pipeline(model: str):
@@ -74,6 +90,9 @@ def main(argv=None) -> dict[str, dict[str, float]]:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--steps", type=int, default=20, help="Euler steps (the scheduler's shift is the model's, 3)")
     ap.add_argument("--guidance", type=float, default=4.0)
+    ap.add_argument("--frames", type=int, default=None, help="frames per clip (default: the model's, see --size)")
+    ap.add_argument("--size", type=int, default=None,
+                    help="frame height and width (default: the model's, from its pretrain_log.json, else 32)")
     ap.add_argument("--temporal", choices=["auto", "on", "off"], default="auto",
                     help="include temporal_consistency in overall (auto: when reward_models.temporal exists)")
     ap.add_argument("--calibration", default=None,
@@ -92,10 +111,14 @@ def main(argv=None) -> dict[str, dict[str, float]]:
     pipe = load_pipeline(args.model)
     prompts = read_prompt_file(args.prompts)
     t0 = time.time()
-    summary = evaluate(pipe, reward, prompts, args.clips_per_prompt, args.seed, args.steps, args.guidance)
+    frames, size = native_clip(args.model)
+    args.frames = args.frames or frames
+    args.size = args.size or size
+    summary = evaluate(pipe, reward, prompts, args.clips_per_prompt, args.seed, args.steps, args.guidance,
+                       args.frames, args.size)
     n = len(prompts) * args.clips_per_prompt
-    print(f"{args.model} on {args.prompts}: {n} clips, {args.steps} Euler steps, guidance {args.guidance} "
-          f"({time.time() - t0:.1f} s)")
+    print(f"{args.model} on {args.prompts}: {n} clips of {args.frames} x {args.size}x{args.size}, {args.steps} Euler "
+          f"steps, guidance {args.guidance} ({time.time() - t0:.1f} s)")
     for k, s in summary.items():
         print(f"  {k:22s} {s['mean']:.3f} +- {s['ci95']:.3f}")
     if args.json:

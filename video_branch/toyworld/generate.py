@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from diffusers.pipelines.wan.pipeline_wan import prompt_clean
 
+from .render import DEFAULT_FRAMES, DEFAULT_SIZE
+
 
 def prompt_embeddings(tokenizer, text_encoder, prompts: list[str], max_sequence_length: int = 512) -> torch.Tensor:
     """[B, L, D] embeddings equal to WanPipeline's (trimmed to each prompt's tokens, zero-padded to L), with grad.
@@ -25,7 +27,8 @@ def prompt_embeddings(tokenizer, text_encoder, prompts: list[str], max_sequence_
 
 @torch.no_grad()
 def generate(pipe, prompts: Sequence[str], seeds: Sequence[int], num_inference_steps: int = 20,
-             guidance_scale: float = 4.0, num_frames: int = 9, size: int = 64, batch_size: int = 16) -> torch.Tensor:
+             guidance_scale: float = 4.0, num_frames: int = DEFAULT_FRAMES, size: int = DEFAULT_SIZE,
+             batch_size: int = 16) -> torch.Tensor:
     """uint8 [B, T, H, W, 3] from ``pipe`` (a WanPipeline); clip i depends only on (prompts[i], seeds[i])."""
     if len(prompts) != len(seeds):
         raise ValueError(f"generate: {len(prompts)} prompts but {len(seeds)} seeds")

@@ -17,6 +17,9 @@ from .grammar import BACKGROUND, COLOURS, DIRECTIONS, SHAPES, Prompt, parse_prom
 HALF_RANGE = (8.0, 10.0)
 SPEED = 3.0
 SUPERSAMPLE = 4
+# Frame size of the embedded default (assets/toy_wan): 9 frames of 32x32, a latent of 16 x 3 x 4 x 4 numbers.
+DEFAULT_SIZE = 32
+DEFAULT_FRAMES = 9
 
 
 @dataclass(frozen=True)
@@ -85,7 +88,8 @@ def background_image(size: int, texture: str, rng: np.random.Generator) -> np.nd
 
 
 def render_clip(
-    prompt: str | Prompt, seed: int, num_frames: int = 9, size: int = 64, background: str = "plain"
+    prompt: str | Prompt, seed: int, num_frames: int = DEFAULT_FRAMES, size: int = DEFAULT_SIZE,
+    background: str = "plain",
 ) -> np.ndarray:
     """One clip, uint8 [T, H, W, 3], deterministic from (prompt, seed, num_frames, size, background)."""
     clip, _ = render_clip_with_params(prompt, seed, num_frames, size, background)
@@ -93,7 +97,8 @@ def render_clip(
 
 
 def render_clip_with_params(
-    prompt: str | Prompt, seed: int, num_frames: int = 9, size: int = 64, background: str = "plain"
+    prompt: str | Prompt, seed: int, num_frames: int = DEFAULT_FRAMES, size: int = DEFAULT_SIZE,
+    background: str = "plain",
 ) -> tuple[np.ndarray, ClipParams]:
     if isinstance(prompt, str):
         prompt = parse_prompt(prompt)
@@ -113,7 +118,7 @@ def render_clip_with_params(
 
 
 def render_batch(
-    prompts: Sequence[str | Prompt], seeds: Sequence[int], num_frames: int = 9, size: int = 64,
+    prompts: Sequence[str | Prompt], seeds: Sequence[int], num_frames: int = DEFAULT_FRAMES, size: int = DEFAULT_SIZE,
     background: str = "plain",
 ) -> np.ndarray:
     """uint8 [B, T, H, W, 3]: ``render_clip`` for each (prompt, seed) pair."""
