@@ -23,6 +23,17 @@ def read_metrics(path: str | Path) -> List[Dict[str, Any]]:
     return rows
 
 
+def trailing_mean(values: List[float], window: int) -> List[float]:
+    """Mean of the last ``window`` values at each position (fewer at the start), for a readable noisy curve."""
+    out, total = [], 0.0
+    for i, v in enumerate(values):
+        total += v
+        if i >= window:
+            total -= values[i - window]
+        out.append(total / min(i + 1, window))
+    return out
+
+
 def archive_previous_run(run_dir: str | Path) -> Optional[Path]:
     """Move an earlier run's files out of ``run_dir`` before a run starts from iteration 0 there.
 
@@ -112,13 +123,17 @@ class RunLogger:
 
         fig, ax = plt.subplots(figsize=(6, 3.5))
         keys = sorted({k for r in rows for k in r if k.startswith("reward/")})
+        window = max(1, min(10, len(rows) // 10))  # per-iteration rewards are noisy: draw a trailing mean over them
         for k in ["reward_mean", *keys]:
             xs = [r["iteration"] for r in rows if r.get(k) is not None]
             ys = [r[k] for r in rows if r.get(k) is not None]
             if xs:
-                ax.plot(xs, ys, label=k, lw=2 if k == "reward_mean" else 1)
+                (line,) = ax.plot(xs, ys, lw=0.6, alpha=0.35)
+                ax.plot(xs, trailing_mean(ys, window), color=line.get_color(), label=k,
+                        lw=2 if k == "reward_mean" else 1.2)
         ax.set_xlabel("iteration")
         ax.set_ylabel("training reward")
+        ax.set_title(f"faint: per iteration; solid: mean of the last {window}", fontsize=8)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
         fig.tight_layout()
