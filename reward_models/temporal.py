@@ -30,6 +30,7 @@ mistake. Non-finite flows make that sample NaN.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Dict, List
 
@@ -53,10 +54,18 @@ def _grey(frame: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(np.clip(g * 255.0 + 0.5, 0, 255).astype(np.uint8))
 
 
+@functools.lru_cache(maxsize=8)
+def _pixel_grid(h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
+    """(x, y) float32 pixel coordinates [H, W], built once per frame size (read-only)."""
+    gx, gy = np.meshgrid(np.arange(w, dtype=np.float32), np.arange(h, dtype=np.float32))
+    gx.setflags(write=False)
+    gy.setflags(write=False)
+    return gx, gy
+
+
 def _sample(img: np.ndarray, flow: np.ndarray) -> np.ndarray:
     """img [H, W, C] (or [H, W]) sampled at x + flow(x), bilinear, border replicated. flow [H, W, 2] in pixels."""
-    h, w = flow.shape[:2]
-    gx, gy = np.meshgrid(np.arange(w, dtype=np.float32), np.arange(h, dtype=np.float32))
+    gx, gy = _pixel_grid(*flow.shape[:2])
     return cv2.remap(img, gx + flow[..., 0], gy + flow[..., 1], cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
 
 
@@ -71,7 +80,7 @@ def fb_masks(fwd: np.ndarray, bwd: np.ndarray):
     bwd_at = _sample(bwd, fwd)
     err = np.sum((fwd + bwd_at) ** 2, axis=-1)
     bound = 0.01 * (np.sum(fwd**2, axis=-1) + np.sum(bwd_at**2, axis=-1)) + 0.5
-    gx, gy = np.meshgrid(np.arange(w, dtype=np.float32), np.arange(h, dtype=np.float32))
+    gx, gy = _pixel_grid(h, w)
     tx, ty = gx + fwd[..., 0], gy + fwd[..., 1]
     inside = (tx >= 0) & (tx <= w - 1) & (ty >= 0) & (ty <= h - 1)
     return err <= bound, inside
