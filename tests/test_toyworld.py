@@ -12,6 +12,7 @@ import torch
 from video_branch.toyworld import ToyVAE, render_clip
 from video_branch.toyworld.evaluate import stratified_mean_ci
 from video_branch.toyworld.grammar import (
+    BACKGROUND,
     COLOURS,
     DIRECTIONS,
     SHAPES,
@@ -69,10 +70,12 @@ def test_render_is_deterministic_from_seed():
     assert not np.array_equal(a, render_clip("a red circle moving left", 4))
 
 
+@pytest.mark.parametrize("size", [32, 64])
 @pytest.mark.parametrize("prompt", ["a red circle moving left", "a cyan square moving up",
                                     "a yellow triangle moving right", "a blue circle moving down"])
-def test_render_moves_the_right_colour_in_the_right_direction(prompt):
-    clip, _params = render_clip_with_params(prompt, 11)
+def test_render_moves_the_right_colour_in_the_right_direction(prompt, size):
+    clip, _params = render_clip_with_params(prompt, 11, size=size)
+    scale = size / 64  # geometry is defined at 64 px and scaled with the frame size
     p = parse_prompt(prompt)
     colour = np.asarray(COLOURS[p.colour])
     centres = []
@@ -80,18 +83,21 @@ def test_render_moves_the_right_colour_in_the_right_direction(prompt):
         mask = np.all(frame == colour, axis=-1)  # fully covered pixels
         ys, xs = np.nonzero(mask)
         centres.append((xs.mean() + 0.5, ys.mean() + 0.5))
-        assert mask.sum() > 50
+        assert mask.sum() > 50 * scale**2
     disp = np.asarray(centres[-1]) - np.asarray(centres[0])
-    expected = SPEED * 8 * np.asarray(DIRECTIONS[p.direction])
-    assert np.allclose(disp, expected, atol=1.0), (disp, expected)
+    expected = SPEED * scale * 8 * np.asarray(DIRECTIONS[p.direction])
+    assert np.allclose(disp, expected, atol=1.0 * scale), (disp, expected)
 
 
+@pytest.mark.parametrize("size", [32, 64])
 @pytest.mark.parametrize("shape,area_ratio", [("circle", math.pi / 4), ("square", 1.0), ("triangle", 0.5)])
-def test_rendered_shape_areas(shape, area_ratio):
-    clip, params = render_clip_with_params(f"a green {shape} moving right", 5)
-    covered = (np.abs(clip[0].astype(float) - 128).sum(-1) > 0).sum()
+def test_rendered_shape_areas(shape, area_ratio, size):
+    clip, params = render_clip_with_params(f"a green {shape} moving right", 5, size=size)
+    # Anti-aliased edges: a pixel's share of the shape is how far its colour moved from the background to green.
+    bg, green = np.asarray(BACKGROUND, float), np.asarray(COLOURS["green"], float)
+    coverage = ((clip[0].astype(float) - bg) / (green - bg)).mean(-1)
     box = (2 * params.half) ** 2
-    assert abs(covered / box - area_ratio) < 0.12
+    assert abs(coverage.sum() / box - area_ratio) < 0.06
 
 
 def test_toy_vae_latent_shape_and_roundtrip(tmp_path):
