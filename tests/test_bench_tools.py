@@ -71,22 +71,10 @@ def test_time_to_target_interpolates_the_first_crossing():
 
 # ------------------------------------------------------------------------------------------------ end to end
 @pytest.fixture(scope="module")
-def tiny_bench(tmp_path_factory):
-    from video_branch.models.tiny import build_tiny_wan
-
+def tiny_bench(tmp_path_factory, tiny_setup):
     d = tmp_path_factory.mktemp("bench")
-    build_tiny_wan(d / "model", seed=0)
-    (d / "train.txt").write_text("a red circle moving left\na blue square moving right\n")
-    (d / "heldout.txt").write_text("a green triangle moving up\na red square moving down\n")
-    cfg = d / "base.yaml"
-    cfg.write_text(f"""method: dancegrpo
-model: {{path: {d / 'model'}, max_sequence_length: 16}}
-video: {{num_frames: 5, height: 32, width: 32}}
-reward: {{components: {{temporal_consistency: {{weight: 1.0}}}}}}
-optim: {{micro_batch: 256}}
-train: {{prompt_file: {d / 'train.txt'}, cpu_threads: 1}}
-eval: {{prompt_file: {d / 'heldout.txt'}, clips_per_prompt: 1, num_steps: 2}}
-""")
+    cfg = tiny_setup(d, "dancegrpo", ["a green triangle moving up", "a red square moving down"],
+                     extra_yaml="optim: {micro_batch: 256}\n")
     return d, cfg
 
 

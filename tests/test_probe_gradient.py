@@ -83,21 +83,9 @@ print("OK", len(per_step), err)
 
 
 @pytest.mark.slow
-def test_step_gradients_sum_to_the_objective_gradient_and_the_cli_reports(tmp_path):
-    from video_branch.models.tiny import build_tiny_wan
-
-    build_tiny_wan(tmp_path / "model", seed=0)
-    (tmp_path / "train.txt").write_text("a red circle moving left\na blue square moving right\n")
-    (tmp_path / "heldout.txt").write_text("a green triangle moving up\n")
-    cfg = tmp_path / "c.yaml"
-    cfg.write_text(f"""method: branchgrpo
-model: {{path: {tmp_path / 'model'}, max_sequence_length: 16}}
-video: {{num_frames: 5, height: 32, width: 32}}
-tree: {{num_steps: 6, split_steps: [0, 2]}}
-reward: {{components: {{temporal_consistency: {{weight: 1.0}}}}}}
-train: {{prompt_file: {tmp_path / 'train.txt'}, cpu_threads: 1}}
-eval: {{prompt_file: {tmp_path / 'heldout.txt'}, clips_per_prompt: 2, num_steps: 2}}
-""")
+def test_step_gradients_sum_to_the_objective_gradient_and_the_cli_reports(tmp_path, tiny_setup):
+    cfg = tiny_setup(tmp_path, "branchgrpo", ["a green triangle moving up"],
+                     extra_yaml="tree: {num_steps: 6, split_steps: [0, 2]}\n", clips_per_prompt=2)
     env = dict(os.environ, PYTHONWARNINGS="ignore", TQDM_DISABLE="1")
     r = subprocess.run([sys.executable, "-c", _GRAD_CHECK, str(cfg), str(ROOT / "tools"), str(tmp_path / "run")],
                        cwd=ROOT, capture_output=True, text=True, timeout=300, env=env, check=False)
