@@ -34,6 +34,8 @@ bench: setup
 
 lint: setup
 	$(VPY) -m ruff check video_branch reward_models tools tests
+	$(VENV)/bin/lint-imports
+	$(VPY) tools/check_import_cycles.py video_branch reward_models
 
 clean:
 	rm -rf $(VENV) .cache runs

@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parents[1]
 _SCRIPT = r"""
 import sys, copy, torch, deepspeed
 from pathlib import Path
-from video_branch import checkpoint as ckpt
+from video_branch.engine import checkpoint as ckpt
 from video_branch.parallel.groups import init_distributed
 
 out = Path(sys.argv[1])

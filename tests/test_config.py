@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from video_branch.config import Config, ConfigError, config_from_dict, known_keys, load_config
-from video_branch.methods import get_preset, preset_names
+from video_branch.config.presets import get_preset, preset_names
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -120,7 +120,7 @@ def test_shipped_configs_resolve(path):
 def test_paired_change_uses_the_same_clips():
     import numpy as np
 
-    from video_branch.trainer import mean_ci, paired_change
+    from video_branch.core.stats import mean_ci, paired_change
 
     b = {"r": 0.0, "per_clip": {"r": [0.1, 0.5, 0.9, float("nan")]}}
     a = {"r": 0.0, "per_clip": {"r": [0.2, 0.7, 0.9, 0.4]}}

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from video_branch.config import CreditConfig
-from video_branch.credit import assign_credit, depthwise_advantages, fuse_values, leaf_vector
-from video_branch.tree import Tree
+from video_branch.core.credit import assign_credit, depthwise_advantages, fuse_values, leaf_vector
+from video_branch.core.tree import Tree
 
 
 # ------------------------------------------------------------------------------------------------ tree builders

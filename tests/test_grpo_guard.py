@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from video_branch.objectives import get_objective, guard_log_ratio
-from video_branch.sde import gaussian_log_prob
+from video_branch.core.objectives import get_objective, guard_log_ratio
+from video_branch.core.sde import gaussian_log_prob
 
 
 def test_guard_matches_the_formula_by_hand():

@@ -16,7 +16,7 @@ def _port():
 def _worker(rank, port, counts, results):
     import torch.distributed as dist
 
-    from video_branch.trainer import LockstepError, check_lockstep
+    from video_branch.parallel.lockstep import LockstepError, check_lockstep
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)

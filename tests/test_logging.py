@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from video_branch.logging import trailing_mean
+from video_branch.engine.logging import trailing_mean
 
 
 def test_trailing_mean_matches_explicit_windows():
@@ -19,7 +19,7 @@ def test_trailing_mean_matches_explicit_windows():
 
 
 def test_plot_writes_reward_curve(tmp_path):
-    from video_branch.logging import RunLogger
+    from video_branch.engine.logging import RunLogger
 
     logger = RunLogger(tmp_path, enabled=True, tensorboard=False)
     rows = [{"iteration": i, "reward_mean": 0.1 * (i % 3), "reward/toyworld/colour": 1.0} for i in range(25)]

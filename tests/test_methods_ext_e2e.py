@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from video_branch.config import load_config
-from video_branch.tree import config_accounting
+from video_branch.config.specs import config_accounting
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow

@@ -1,4 +1,4 @@
-"""DiffusionNFT's maths (video_branch.nft) and its sample objective, against direct computations."""
+"""DiffusionNFT's maths (video_branch.core.nft) and its sample objective, against direct computations."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from video_branch.nft import ema_update_, implicit_velocities, nft_loss, optimality_probability
-from video_branch.objectives import SampleBatch, get_objective, objective_info
-from video_branch.surrogate import draw_pairs, noised
+from video_branch.core.nft import ema_update_, implicit_velocities, nft_loss, optimality_probability
+from video_branch.core.objectives import SampleBatch, get_objective, objective_info
+from video_branch.core.surrogate import draw_pairs, noised
 
 
 def test_optimality_probability_maps_advantages_linearly_and_clamps():
@@ -100,7 +100,7 @@ def test_nft_objective_is_sample_level_with_an_ema_copy_and_matches_nft_loss():
 def test_ema_step_moves_the_kept_copy_towards_the_trained_weights():
     import copy
 
-    from video_branch.phases import ema_step
+    from video_branch.engine.phases import ema_step
 
     torch.manual_seed(0)
     model = torch.nn.Linear(3, 2)
@@ -110,9 +110,9 @@ def test_ema_step_moves_the_kept_copy_towards_the_trained_weights():
     with torch.no_grad():
         model.weight.add_(1.0)
         model.bias.add_(1.0)
-    trainer = SimpleNamespace(engine=SimpleNamespace(module=model), copies={"ema": ema},
-                              cfg=SimpleNamespace(parallel=SimpleNamespace(zero_stage=0)))
-    ema_step(trainer, "ema", 0.75)
+    policy = SimpleNamespace(engine=SimpleNamespace(module=model), copies={"ema": ema},
+                             cfg=SimpleNamespace(parallel=SimpleNamespace(zero_stage=0)))
+    ema_step(policy, "ema", 0.75)
     assert torch.allclose(ema.weight, 0.75 * before + 0.25 * model.weight)
     assert not torch.allclose(ema.bias, model.bias)
 

@@ -11,12 +11,14 @@ import numpy as np
 import pytest
 import torch
 
-from video_branch import sde
 from video_branch.config import ConfigError, load_config
-from video_branch.ovf import get_prune_rule, ovf_select, preview_pruner, survivor_edges, top_select
-from video_branch.rollout import edge_inputs, rollout
-from video_branch.schedule import flow_sigmas, model_timesteps
-from video_branch.tree import TreeSpec, accounting, config_accounting, count_trained_edges
+from video_branch.config.specs import config_accounting, count_trained_edges, tree_spec
+from video_branch.core import sde
+from video_branch.core.errors import CoreError
+from video_branch.core.ovf import get_prune_rule, ovf_select, preview_pruner, survivor_edges, top_select
+from video_branch.core.schedule import flow_sigmas, model_timesteps
+from video_branch.core.tree import TreeSpec, accounting
+from video_branch.engine.rollout import edge_inputs, rollout
 
 
 def _brute_force(r, k):
@@ -42,12 +44,14 @@ def test_ovf_keeps_the_extremes_and_skips_failed_samples():
     assert top_select(r, 2).tolist() == [3, 4]  # 0.9 and 0.52
     with pytest.raises(ValueError, match="keep"):
         ovf_select(r, 8)
-    with pytest.raises(ConfigError, match="tree.prune_rule.*did you mean 'ovf'"):
+    with pytest.raises(CoreError, match="unknown rule 'ovff'; did you mean 'ovf'"):
         get_prune_rule("ovff")
+    with pytest.raises(ConfigError, match="tree.prune_rule.*did you mean 'ovf'"):
+        load_config(None, ["tree.prune_rule=ovff"], method="pro_grpo")
 
 
 def test_accounting_cli_counts_pro_grpo_by_hand():
-    out = subprocess.run([sys.executable, "-m", "video_branch.tree", "--method", "pro_grpo", "--json"],
+    out = subprocess.run([sys.executable, "-m", "video_branch.accounting", "--method", "pro_grpo", "--json"],
                          capture_output=True, text=True, check=True).stdout
     acc = json.loads(out)
     # 48 chains run steps 0-4, 24 survive to run steps 5-6, 12 run steps 7-9.
@@ -130,7 +134,7 @@ def test_rollout_keeps_the_ovf_set_of_previews_and_counts_forward_passes():
 
 def test_trained_edge_count_of_a_pruned_branching_tree_does_not_depend_on_the_data():
     cfg = load_config(method="branchgrpo_ovf", overrides=["tree.num_steps=12", "tree.split_steps=[0, 3, 6, 9]"])
-    spec = TreeSpec.from_config(cfg)
+    spec = tree_spec(cfg)
     expected = count_trained_edges(cfg, spec)
     emb = torch.randn(1, 3, 4)
     counts = set()

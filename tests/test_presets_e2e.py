@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from video_branch.config import load_config
-from video_branch.tree import config_accounting
+from video_branch.config.specs import config_accounting
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = sorted(p for p in (ROOT / "configs" / "tiny").glob("*.yaml") if p.stem != "demo")

@@ -59,17 +59,17 @@ import sys, numpy as np, torch
 sys.path.insert(0, sys.argv[2])
 import probe_gradient
 from video_branch.config import load_config
-from video_branch.trainer import IterationStats, Trainer
+from video_branch.engine.trainer import IterationStats, Trainer
 cfg = load_config(sys.argv[1], ["logging.tensorboard=false", "logging.progress=false", "train.run_dir=" + sys.argv[3]])
 tr = Trainer(cfg)
-model = __import__("copy").deepcopy(tr.rollout_module()).requires_grad_(True)
+model = __import__("copy").deepcopy(tr.policy.rollout_module()).requires_grad_(True)
 tr._stats = IterationStats()
 b = tr.prepare_batch(0)
 per_step = probe_gradient.step_gradients(tr, model, b)
 edges = np.nonzero(b.trained)[0]
 assert sorted(per_step) == sorted(set(b.res.tree.step[edges].tolist())), per_step.keys()
 # Independent path: the trainer's objective over all trained edges at ratio 1, loss = -mean(A * ratio).
-e = tr.edge_log_probs(model, b.res, edges)
+e = tr.policy.edge_log_probs(model, b.res, edges)
 out = tr.objective(e.logp, e.logp.detach(), torch.as_tensor(b.adv[edges], dtype=torch.float32),
                    clip_eps=cfg.objective.clip_eps, kl_coef=0.0, mean_new=e.mean, mean_old=None, mean_ref=None,
                    std=e.std.expand(len(edges), *([1] * (e.x.dim() - 1))), ratio_norm=False)

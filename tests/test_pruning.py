@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from video_branch.config import Config
-from video_branch.pruning import depth_window, expected_trained_edges, pruning_summary, select_trained_edges
-from video_branch.tree import Tree
+from video_branch.core.pruning import depth_window, expected_trained_edges, pruning_summary, select_trained_edges
+from video_branch.core.tree import Tree
 
 
 # ------------------------------------------------------------------------------------------------ builders

@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 import torch
 
+from video_branch.engine.sampling import generate, latent_shape_for, load_source, resolve_source
 from video_branch.models import PromptEncoder, build_tiny_wan, decode_to_frames, load_wan
-from video_branch.sampling import generate, latent_shape_for, load_source, merge_lora_state, resolve_source
+from video_branch.models.lora import merge_lora_state
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = ["a red circle moving left", "a blue square moving up"]

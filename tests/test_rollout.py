@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 import torch
 
-from video_branch import sde
-from video_branch.rollout import edge_inputs, rollout
-from video_branch.schedule import flow_sigmas
-from video_branch.tree import TreeSpec, accounting, build_structure
+from video_branch.core import sde
+from video_branch.core.schedule import flow_sigmas
+from video_branch.core.tree import TreeSpec, accounting, build_structure
+from video_branch.engine.rollout import edge_inputs, rollout
 
 torch.set_num_threads(1)
 SHAPE = (4, 3, 4, 4)  # C, F, H, W
@@ -182,7 +182,7 @@ def test_edge_inputs_describe_the_edge():
 
 # ------------------------------------------------------------------------------------------------ split steps
 def _dance_mean(x, v, s, s_next, eta):
-    """ALGORITHMS.md section 1, written out independently of video_branch.sde."""
+    """ALGORITHMS.md section 1, written out independently of video_branch.core.sde."""
     x0 = x - s * v
     g = -(x - (1 - s) * x0) / s**2
     return x + (s_next - s) * (v - 0.5 * eta**2 * g)

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
-from video_branch import checkpoint as ckpt
-from video_branch.logging import archive_previous_run
-from video_branch.trainer import resume_point
+from video_branch.engine import checkpoint as ckpt
+from video_branch.engine.checkpoint import resume_point
+from video_branch.engine.logging import archive_previous_run
 
 
 def _old_run(d):

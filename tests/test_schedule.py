@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from video_branch.schedule import flow_sigmas, model_timesteps
+from video_branch.core.schedule import flow_sigmas, model_timesteps
 
 
 def _reference_sigmas(n: int, k: float) -> list[float]:

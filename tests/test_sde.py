@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from video_branch.schedule import flow_sigmas
-from video_branch.sde import (
+from video_branch.core.schedule import flow_sigmas
+from video_branch.core.sde import (
     SDE_FORMS,
     StepResult,
     cfg_combine,

@@ -1,4 +1,4 @@
-"""V-GRPO's ELBO surrogate (video_branch.surrogate) and its sample objective, against hand computations."""
+"""V-GRPO's ELBO surrogate (video_branch.core.surrogate) and its sample objective, against hand computations."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from video_branch.objectives import SampleBatch, get_objective, objective_info
-from video_branch.surrogate import (
+from video_branch.core.objectives import SampleBatch, get_objective, objective_info
+from video_branch.core.surrogate import (
     adaptive_weight,
     draw_pairs,
     noised,
@@ -171,8 +171,8 @@ def test_vgrpo_kl_is_the_squared_distance_of_x0_predictions():
 
 
 def test_sample_items_share_pairs_within_a_prompt_and_noise_the_leaves():
-    from video_branch.phases import _item_index, _Items
-    from video_branch.tree import TreeSpec, build_structure
+    from video_branch.core.tree import TreeSpec, build_structure
+    from video_branch.engine.phases import _item_index, _Items
 
     spec = TreeSpec(num_steps=2, roots=3, kinds=("ode", "ode"))
     tree = build_structure(spec, 2)

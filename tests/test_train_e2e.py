@@ -248,7 +248,7 @@ def test_non_finite_loss_skips_the_update_and_keeps_the_weights(tiny_setup, tmp_
     script.write_text(
         f"""
 import sys, torch
-from video_branch.objectives import ObjectiveOut, clipped_ratio, register_objective
+from video_branch.core.objectives import ObjectiveOut, clipped_ratio, register_objective
 
 @register_objective("nan_once_test")
 def nan_once(logp_new, logp_old, advantages, **kw):

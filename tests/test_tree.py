@@ -7,26 +7,20 @@ import numpy as np
 import pytest
 
 from video_branch.config import ConfigError, load_config
-from video_branch.methods import preset_names
-from video_branch.tree import (
-    TreeSpec,
-    accounting,
-    build_structure,
-    config_accounting,
-    draw_split_step,
-    step_kinds,
-    window_steps,
-)
+from video_branch.config.presets import preset_names
+from video_branch.config.specs import config_accounting, step_kinds, tree_spec
+from video_branch.core.errors import CoreError
+from video_branch.core.tree import TreeSpec, accounting, build_structure, draw_split_step, window_steps
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def _spec(method, iteration=0, overrides=()):
-    return TreeSpec.from_config(load_config(None, list(overrides), method=method), iteration)
+    return tree_spec(load_config(None, list(overrides), method=method), iteration)
 
 
 def _cli(*args):
-    proc = subprocess.run([sys.executable, "-m", "video_branch.tree", *args], cwd=REPO, capture_output=True,
+    proc = subprocess.run([sys.executable, "-m", "video_branch.accounting", *args], cwd=REPO, capture_output=True,
                           text=True, timeout=120)
     return proc
 
@@ -130,9 +124,15 @@ def test_window_without_wrap_stays_at_the_last_position():
 
 
 def test_window_that_does_not_fit_names_the_key():
-    cfg = load_config(None, ["tree.window.start=18"], method="mixgrpo")
-    with pytest.raises(ConfigError, match="tree.window.start"):
+    cfg = load_config(None, [], method="mixgrpo")
+    cfg.tree.window.start = 18
+    # The core names its own argument; the config layer names the key, and rejects it when the config loads.
+    with pytest.raises(CoreError, match="window.start: a window of 4 steps from step 18"):
         window_steps(cfg.tree.window, cfg.tree.num_steps, 0)
+    with pytest.raises(ConfigError, match="config key 'tree.window.start': a window of 4 steps from step 18"):
+        tree_spec(cfg, 0)
+    with pytest.raises(ConfigError, match="tree.window.start"):
+        load_config(None, ["tree.window.start=18"], method="mixgrpo")
 
 
 def test_branchgrpo_mix_kinds_are_splits_plus_window():
@@ -150,8 +150,8 @@ def test_flowgrpo_fast_draws_the_same_split_for_the_same_seed_and_iteration():
     low, high = cfg.tree.random_split.low, cfg.tree.random_split.high
     draws = []
     for it in range(60):
-        a = TreeSpec.from_config(cfg, it)
-        b = TreeSpec.from_config(load_config(None, ["train.seed=7"], method="flowgrpo_fast"), it)
+        a = tree_spec(cfg, it)
+        b = tree_spec(load_config(None, ["train.seed=7"], method="flowgrpo_fast"), it)
         assert a == b
         (split,) = a.split_steps
         assert low <= split <= high

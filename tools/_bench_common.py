@@ -54,7 +54,7 @@ def parse_variant(spec: str) -> Variant:
     for o in overrides:
         if "=" not in o or o.startswith("="):
             raise ValueError(f"preset spec {spec!r}: override {o!r} is not key=value")
-    from video_branch.methods import get_preset_name
+    from video_branch.config.presets import get_preset_name
 
     get_preset_name(preset)  # raises ConfigError naming the accepted presets
     return Variant(label or (preset if not overrides else spec), preset, overrides)
@@ -91,7 +91,7 @@ def variant_config(base_config: str | None, variant: Variant, common: Sequence[s
 
 def make_trainer(cfg):
     """A single-process Trainer (it initialises a world of one itself); the run directory exists afterwards."""
-    from video_branch.trainer import Trainer
+    from video_branch.engine.trainer import Trainer
 
     Path(cfg.train.run_dir).mkdir(parents=True, exist_ok=True)
     return Trainer(cfg)

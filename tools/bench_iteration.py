@@ -114,7 +114,7 @@ def forward_probe(trainer, batch: int) -> dict[str, object]:
 
     from video_branch.models.wan import velocity
 
-    module = trainer.rollout_module()
+    module = trainer.policy.rollout_module()
     module.eval()
     x = torch.randn(batch, *trainer.latent_shape)
     t = torch.full((batch,), 500.0)
@@ -150,7 +150,7 @@ def build_compute_model(out_dir: Path, args) -> str:
 def run_setting(name: str, model: str, variants: list[bc.Variant], args, work: Path) -> dict[str, object]:
     common = [f"model.path={model}", f"train.seed={args.seed}", *args.set]
     configs = {v.label: bc.variant_config(args.config, v, common, work / name / v.label) for v in variants}
-    from video_branch.tree import config_accounting
+    from video_branch.config.specs import config_accounting
 
     accounting = {k: config_accounting(c) for k, c in configs.items()}
     trainers = {}

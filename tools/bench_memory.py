@@ -13,7 +13,7 @@ checkpointing. Per rank it reports:
 - on CUDA, `cuda_max_allocated_mib` (torch.cuda.max_memory_allocated over the step);
 - the step's forward and backward times (median of `--repeats` further steps).
 Depth pruning does not change a micro-step's memory (edges are micro-batched); it removes backward passes. The depth
-pruning table multiplies the trained edges per prompt (`video_branch.tree` accounting of the method presets) by the
+pruning table multiplies the trained edges per prompt (`video_branch.core.tree` accounting of the method presets) by the
 measured time of one edge's forward and backward.
 """
 
@@ -183,7 +183,7 @@ def run_setting(args, sp: int, checkpointing: bool, workdir: Path) -> list[dict]
 def depth_pruning_cost(settings: list[dict]) -> list[dict]:
     """Per prompt and iteration: trained edges (preset accounting) x measured forward+backward time per edge."""
     from video_branch.config import load_config
-    from video_branch.tree import config_accounting
+    from video_branch.config.specs import config_accounting
 
     rows = []
     accounts = {m: config_accounting(load_config(None, [], method=m)) for m in METHODS}

@@ -330,7 +330,7 @@ def run_generate(args) -> int:
     baseline = load_baseline(args.baseline)
     source = None
     if args.model:
-        from video_branch.sampling import resolve_source
+        from video_branch.engine.sampling import resolve_source
 
         source = resolve_source(args.model)
     defaults = run_defaults([source] if source is not None else [])
@@ -381,10 +381,10 @@ def run_generate(args) -> int:
                             missing.append(c)
                 if missing:
                     if models is None:
-                        from video_branch.sampling import load_source
+                        from video_branch.engine.sampling import load_source
 
                         models = load_source(source, dtype=args.dtype, device=resolve_device(args.device))
-                    from video_branch.sampling import generate
+                    from video_branch.engine.sampling import generate
 
                     clips = generate(models, [c["prompt"] for c in missing], [c["seed"] for c in missing],
                                      num_steps=args.steps, guidance_scale=args.guidance, shift=args.shift,

@@ -69,7 +69,7 @@ def step_gradients(trainer, model, batch) -> Dict[int, torch.Tensor]:
         sel = edges[res.tree.step[edges] == step]
         acc = [torch.zeros_like(p) for p in params]
         for ids in np.array_split(sel, max(1, int(np.ceil(len(sel) / trainer.cfg.optim.micro_batch)))):
-            e = trainer.edge_log_probs(model, res, ids)
+            e = trainer.policy.edge_log_probs(model, res, ids)
             a = torch.as_tensor(adv[ids], dtype=torch.float32, device=e.logp.device)
             grads = torch.autograd.grad((a * e.logp).sum() / len(edges), params, allow_unused=True)
             for g_acc, g in zip(acc, grads):
@@ -81,7 +81,7 @@ def step_gradients(trainer, model, batch) -> Dict[int, torch.Tensor]:
 
 def shifted_heldout(trainer, base_model, direction: torch.Tensor, size: float) -> Dict[str, np.ndarray]:
     """Held-out scores (trainer.evaluate's clips and seeds) of ``base_model`` moved by ``size * direction``."""
-    from video_branch.evaluation import heldout_scores
+    from video_branch.engine.evaluation import heldout_scores
 
     moved = copy.deepcopy(base_model).requires_grad_(False).eval()
     with torch.no_grad():
@@ -89,22 +89,19 @@ def shifted_heldout(trainer, base_model, direction: torch.Tensor, size: float) -
         for p in moved.parameters():
             p.add_(size * direction[off:off + p.numel()].view_as(p).to(p))
             off += p.numel()
-    original = trainer.rollout_module
-    trainer.rollout_module = lambda: moved
-    try:
-        scores = heldout_scores(trainer, 0)
-    finally:
-        trainer.rollout_module = original
+    scores = heldout_scores(trainer.cfg, trainer.dist, trainer.eval_prompts, trainer.models, trainer.encoder, moved,
+                            trainer.reward)
     return {k: np.asarray(v, dtype=np.float64) for k, v in scores.items()}
 
 
 def probe(trainer, batches: int, first_iteration: int, step_sizes: List[float], max_memory_gb: float,
           log=print) -> Dict:
-    from video_branch.trainer import IterationStats, mean_ci
+    from video_branch.core.stats import mean_ci
+    from video_branch.engine.trainer import IterationStats
 
     if batches < 3:
         raise ValueError(f"--batches must be at least 3 (pairs of independent batches), got {batches}")
-    base = trainer.rollout_module()
+    base = trainer.policy.rollout_module()
     model = copy.deepcopy(base).requires_grad_(True).train()
     n_params = sum(p.numel() for p in model.parameters())
     need = batches * trainer.cfg.tree.num_steps * n_params * 4 / 2**30
@@ -167,7 +164,7 @@ def main(argv=None) -> None:
     sizes = [float(x) for x in args.step_sizes.split(",") if x.strip()]
     if int(os.environ.get("WORLD_SIZE", "1")) != 1:
         raise SystemExit("probe_gradient runs in a single process (python tools/probe_gradient.py ...)")
-    from video_branch.trainer import Trainer
+    from video_branch.engine.trainer import Trainer
 
     with tempfile.TemporaryDirectory() as tmp:
         cfg.train.run_dir = tmp

@@ -373,7 +373,7 @@ def run_defaults(sources) -> dict:
 
 def scheduler_shift(source) -> float | None:
     """The flow shift in the model's scheduler config (FlowMatchEuler 'shift' or UniPC 'flow_shift')."""
-    from video_branch.sampling import base_model_path
+    from video_branch.engine.sampling import base_model_path
 
     folder = source.path if source.kind == "diffusers" else base_model_path(source.run_dir)
     cfg_file = Path(folder) / "scheduler" / "scheduler_config.json"
@@ -408,7 +408,7 @@ def quiet_libraries() -> None:
 def run(args) -> int:
     from tqdm import tqdm
 
-    from video_branch.sampling import generate, load_source, resolve_source
+    from video_branch.engine.sampling import generate, load_source, resolve_source
     from video_branch.video import write_mp4
 
     if len(args.model) < 1:

@@ -27,7 +27,7 @@ def main(argv=None) -> int:
         return 2
 
     from .data import PromptFileError
-    from .trainer import Trainer
+    from .engine.trainer import Trainer
 
     try:
         trainer = Trainer(cfg)

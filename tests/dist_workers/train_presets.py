@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from video_branch.config import load_config
-from video_branch.trainer import Trainer
+from video_branch.engine.trainer import Trainer
 
 
 def main(argv):

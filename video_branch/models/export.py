@@ -9,7 +9,10 @@ import os
 import shutil
 from pathlib import Path
 
+import deepspeed
 import torch.distributed as dist
+
+from .lora import adapter_metadata, diffusers_lora_state, is_lora, merged_transformer, save_diffusers_lora
 
 
 def _barrier() -> None:
@@ -17,41 +20,30 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def export_pipeline_dir(trainer, out: Path) -> Path:
-    """Copy the source model directory and replace its transformer by the trained weights (gathered under ZeRO-3).
+def export_pipeline_dir(module, src_dir, out: Path, *, is_main: bool, zero3: bool, lora_scale: float = 0.0) -> Path:
+    """Copy the source model directory ``src_dir`` and replace its transformer by ``module``'s weights (gathered
+    under ZeRO-3 when ``zero3``); a LoRA ``module`` is merged with ``lora_scale`` (alpha / rank).
 
-    Collective: every rank calls it; rank 0 writes. The directory appears atomically (written as ``.partial``).
+    Collective: every rank calls it; the main rank writes. The directory appears atomically (written as
+    ``.partial``).
     """
-    import deepspeed
-
-    from .lora import (
-        adapter_metadata,
-        diffusers_lora_state,
-        is_lora,
-        lora_scale,
-        merged_transformer,
-        save_diffusers_lora,
-    )
-
     out = Path(out)
-    src = Path(trainer.cfg.model.path)
+    src = Path(src_dir)
     tmp = out.with_name(out.name + ".partial")
-    module = trainer.engine.module
-    rank0 = trainer.dist.is_main
-    if rank0:
+    if is_main:
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.copytree(src, tmp, ignore=shutil.ignore_patterns("transformer"))
     params = list(module.parameters())
-    with deepspeed.zero.GatheredParameters(params, modifier_rank=None, enabled=trainer.cfg.parallel.zero_stage == 3):
-        if rank0:
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=None, enabled=zero3):
+        if is_main:
             target = module
             if is_lora(module):  # merged weights in transformer/, the adapter alone in lora/ (diffusers' format)
                 state = {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
                 save_diffusers_lora(diffusers_lora_state(module), adapter_metadata(module), tmp / "lora")
-                target = merged_transformer(module, state, lora_scale(trainer.cfg.model.lora))
+                target = merged_transformer(module, state, lora_scale)
             target.save_pretrained(tmp / "transformer", safe_serialization=True)
     _barrier()
-    if rank0:
+    if is_main:
         shutil.rmtree(out, ignore_errors=True)
         os.replace(tmp, out)
     _barrier()

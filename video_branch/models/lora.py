@@ -2,8 +2,8 @@
 export in diffusers' LoRA format (``WanPipeline.load_lora_weights`` loads it).
 
 The policy is a ``peft.PeftModel`` around the transformer, so its state dict uses peft's keys
-(``base_model.model.<module>.base_layer.weight``, ``...lora_A.default.weight``); ``video_branch.sampling``'s
-``merge_lora_state`` reads those from DeepSpeed checkpoints. The KL reference needs no second copy of the weights:
+(``base_model.model.<module>.base_layer.weight``, ``...lora_A.default.weight``);
+:func:`merge_lora_state` reads those from DeepSpeed checkpoints. The KL reference needs no second copy of the weights:
 it is the same module evaluated with the adapter disabled, i.e. the frozen base model.
 """
 
@@ -92,11 +92,35 @@ def save_diffusers_lora(state: dict[str, torch.Tensor], metadata: dict, out_dir:
 
 def merged_transformer(module: torch.nn.Module, state: dict[str, torch.Tensor], scale: float) -> torch.nn.Module:
     """A plain transformer (the base class, base config) holding ``W + scale * B @ A`` from a peft ``state``."""
-    from ..sampling import merge_lora_state
-
     base = module.get_base_model()
     plain = type(base).from_config(base.config)
     missing, unexpected = plain.load_state_dict(merge_lora_state(state, scale), strict=False)
     if missing or unexpected:
         raise RuntimeError(f"merging LoRA: keys missing {missing[:5]}, unexpected {unexpected[:5]}")
+    return plain
+
+
+def merge_lora_state(state: dict, scale: float) -> dict:
+    """A peft-wrapped transformer's state dict -> the plain transformer's, with ``W += scale * B @ A`` merged.
+
+    Keys ``base_model.model.<m>.base_layer.weight`` / ``.lora_A.default.weight`` / ``.lora_B.default.weight`` become
+    ``<m>.weight``; a plain state dict is returned unchanged.
+    """
+    prefix = "base_model.model."
+    if not any(k.startswith(prefix) for k in state):
+        return state
+    plain, lora_a, lora_b = {}, {}, {}
+    for key, value in state.items():
+        key = key.removeprefix(prefix)
+        if ".lora_A." in key:
+            lora_a[key.split(".lora_A.")[0]] = value
+        elif ".lora_B." in key:
+            lora_b[key.split(".lora_B.")[0]] = value
+        else:
+            plain[key.replace(".base_layer.", ".")] = value
+    for module, a in lora_a.items():
+        if module not in lora_b or f"{module}.weight" not in plain:
+            raise KeyError(f"checkpoint: LoRA weights of {module} are incomplete (lora_A, lora_B and base weight)")
+        plain[f"{module}.weight"] = plain[f"{module}.weight"] + scale * (lora_b[module].float() @ a.float()).to(
+            plain[f"{module}.weight"].dtype)
     return plain

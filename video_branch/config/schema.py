@@ -1,7 +1,7 @@
 """One typed configuration for a run.
 
 Sources, later winning: the dataclass defaults, the method preset (``method: branchgrpo`` expands into tree, credit,
-pruning and objective settings, see ``methods.py``), the YAML file, then ``--set key=value`` overrides. Every key is
+pruning and objective settings, see ``presets.py``), the YAML file, then ``--set key=value`` overrides. Every key is
 checked before any work starts: unknown keys (with the closest known key suggested), wrong types and out-of-range
 values raise :class:`ConfigError` naming the key and what is accepted. The resolved config round-trips through YAML.
 """
@@ -20,9 +20,11 @@ from typing import Any, Dict, List, Literal, Optional, Sequence
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A configuration problem, reported before any model is loaded."""
+from ..core.errors import CoreError
+from ..core.ovf import get_prune_rule
+from .errors import ConfigError
+from .presets import get_preset
+from .specs import tree_spec
 
 
 def _f(default=dataclasses.MISSING, *, help: str = "", min=None, max=None, factory=None):  # noqa: A002
@@ -97,7 +99,7 @@ class TreeConfig:
         factory=list,
         help="Expand-and-Prune checkpoints: [step, count] pairs; before `step` each tree keeps `count` live nodes "
              "chosen by tree.prune_rule from one-step x0_hat previews (e.g. [[5, 24], [7, 12]])")
-    prune_rule: str = _f("ovf", help="registered preview prune rule (video_branch.ovf): ovf, top")
+    prune_rule: str = _f("ovf", help="registered preview prune rule (video_branch.core.ovf): ovf, top")
 
 
 @dataclass
@@ -216,7 +218,7 @@ class LoggingConfig:
 
 @dataclass
 class Config:
-    method: str = _f("branchgrpo", help="method preset (see video_branch.methods)")
+    method: str = _f("branchgrpo", help="method preset (see video_branch.config.presets)")
     model: ModelConfig = _f(factory=ModelConfig)
     video: VideoConfig = _f(factory=VideoConfig)
     tree: TreeConfig = _f(factory=TreeConfig)
@@ -421,8 +423,6 @@ def _check_override_key(key: str) -> None:
 def load_config(path: Optional[str | Path] = None, overrides: Sequence[str] = (),
                 method: Optional[str] = None) -> Config:
     """Resolve defaults <- preset <- YAML file <- overrides, and validate."""
-    from .methods import get_preset
-
     data: Dict[str, Any] = {}
     if path is not None:
         p = Path(path)
@@ -463,8 +463,6 @@ def config_from_dict(data: Dict[str, Any]) -> Config:
 
 def validate(cfg: Config) -> None:
     """Cross-key checks that a single annotation cannot express."""
-    from .methods import get_preset
-
     get_preset(cfg.method)
     n = cfg.tree.num_steps
     for s in cfg.tree.split_steps:
@@ -478,6 +476,10 @@ def validate(cfg: Config) -> None:
             f"config keys 'tree.random_split.low/high': expected 0 <= low <= high < {n}, "
             f"got {cfg.tree.random_split.low}, {cfg.tree.random_split.high}"
         )
+    try:
+        get_prune_rule(cfg.tree.prune_rule)
+    except CoreError as e:
+        raise ConfigError(f"config key 'tree.prune_rule': {e}") from None
     if cfg.tree.survivors:
         _validate_survivors(cfg)
     if cfg.tree.window.size > n:
@@ -500,13 +502,10 @@ def validate(cfg: Config) -> None:
         w = opts.get("weight", 1.0)
         if isinstance(w, bool) or not isinstance(w, (int, float)):
             raise ConfigError(f"config key 'reward.components.{name}.weight': expected a number, got {w!r}")
+    tree_spec(cfg, 0)  # the core's own checks of the trees (window fit, step kinds), naming the config key
 
 
 def _validate_survivors(cfg: Config) -> None:
-    from .ovf import get_prune_rule
-    from .tree import TreeSpec
-
-    get_prune_rule(cfg.tree.prune_rule)
     if any(len(p) != 2 for p in cfg.tree.survivors):
         raise ConfigError(f"config key 'tree.survivors': expected [step, count] pairs, got {cfg.tree.survivors}")
     p = cfg.prune
@@ -514,10 +513,7 @@ def _validate_survivors(cfg: Config) -> None:
         raise ConfigError("config key 'tree.survivors': Expand-and-Prune trains the survivors' edges; it cannot be "
                           "combined with prune.width, prune.best_of_n or prune.timestep_fraction < 1 (got "
                           f"{p.width!r}, {p.best_of_n}, {p.timestep_fraction})")
-    try:
-        TreeSpec.from_config(cfg, 0)
-    except ValueError as e:
-        raise ConfigError(f"config key 'tree.survivors': {e}") from None
+    tree_spec(cfg, 0)
 
 
 def add_config_args(parser: argparse.ArgumentParser, require_config: bool = False) -> None:

@@ -11,6 +11,8 @@ import copy
 import difflib
 from typing import Any, Dict, List
 
+from .errors import ConfigError
+
 _PRESETS: Dict[str, Dict[str, Any]] = {}
 _DOCS: Dict[str, str] = {}
 
@@ -32,8 +34,6 @@ def preset_doc(name: str) -> str:
 
 def get_preset_name(name: str) -> str:
     if name not in _PRESETS:
-        from .config import ConfigError
-
         close = difflib.get_close_matches(name, list(_PRESETS), n=1)
         hint = f"; did you mean '{close[0]}'?" if close else ""
         raise ConfigError(f"config key 'method': unknown preset '{name}'{hint}. Accepted: {', '.join(preset_names())}")

@@ -2,8 +2,14 @@
 
 A phase has two parts: ``micro_batches(trainer)``, the number of backward micro-batches per update from the config
 alone (it also records the iteration's trained units on the trainer), and ``train(trainer, iteration, res, adv,
-trained)``, which runs the updates of one iteration and returns their statistics. ``"edges"`` (SDE transitions) is
-the trainer's own ``_train``; ``"samples"`` (this module) trains on the rollout's final latents: V-GRPO, DiffusionNFT.
+trained)``, which runs the updates of one iteration and returns their statistics. Both phases live here, side by
+side: ``"edges"`` trains on SDE transitions (the clipped-ratio family), ``"samples"`` on the rollout's final latents
+(V-GRPO, DiffusionNFT).
+
+The edge phase, per iteration: the trained edges (their count fixed by the config and checked) are split into
+``trainer.n_micro`` micro-batches; each update recomputes their log-probs under the engine (and the reference's
+means for the KL term), evaluates the objective and backpropagates micro-batch by micro-batch; updates after the
+first reshuffle the edges.
 
 The sample phase, per iteration:
 
@@ -23,11 +29,18 @@ import math
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List
 
+import deepspeed
 import numpy as np
 import torch
 
-from .objectives import SampleBatch
-from .surrogate import draw_pairs, noised, pair_generator
+from ..config.specs import tree_spec
+from ..core.nft import ema_update_
+from ..core.objectives import SampleBatch
+from ..core.ovf import survivor_edges
+from ..core.pruning import select_trained_edges
+from ..core.surrogate import draw_pairs, noised, pair_generator
+from ..core.tree import accounting, build_structure
+from ..parallel.lockstep import LockstepError
 
 
 @dataclass(frozen=True)
@@ -95,6 +108,71 @@ def get_phase(unit: str) -> Phase:
     return _PHASES[unit]
 
 
+# ------------------------------------------------------------------------------------------------ edges
+def _edge_micro_batches(trainer) -> int:
+    """Trained edges per rank and update, from the config alone (the same on every rank)."""
+    cfg = trainer.cfg
+    spec = tree_spec(cfg, 0)
+    tree = build_structure(spec, cfg.train.prompts_per_rank)
+    rng = np.random.default_rng(0)
+    vals = rng.standard_normal(tree.num_nodes)
+    mask = select_trained_edges(tree, vals, vals, cfg, 0, np.random.default_rng(0))
+    mask &= survivor_edges(tree, spec)
+    trainer.edges_per_iteration = int(mask.sum())
+    trainer.train_units = f"{trainer.edges_per_iteration} trained edges"
+    return max(1, math.ceil(trainer.edges_per_iteration / cfg.optim.micro_batch))
+
+
+def _train_edges(trainer, iteration: int, res, adv: np.ndarray, trained: np.ndarray) -> Dict[str, float]:
+    cfg, policy, dev = trainer.cfg, trainer.policy, trainer.dist.device
+    edges = np.nonzero(trained)[0]
+    if edges.size != trainer.edges_per_iteration:
+        raise LockstepError(f"iteration {iteration}: {edges.size} trained edges on rank {trainer.dist.rank}, "
+                            f"expected {trainer.edges_per_iteration} from the config")
+    gen = torch.Generator().manual_seed(cfg.train.seed * 1000003 + iteration)
+    stats = UpdateStats()
+    old_means: Dict[int, torch.Tensor] = {}
+    for update in range(cfg.optim.updates_per_iteration):
+        order = edges[torch.randperm(edges.size, generator=gen).numpy()] if update else edges
+        chunks = np.array_split(order, trainer.n_micro)
+        update_skipped = False
+        for mb, ids in enumerate(chunks):
+            e = policy.edge_log_probs(policy.engine, res, ids)
+            x, s, emb, mean, std, logp = e.x, e.s, e.emb, e.mean, e.std, e.logp
+            logp_old = e.inputs["logp_old"].to(logp)
+            mean_ref = None
+            if policy.reference is not None:
+                with torch.no_grad():
+                    mean_ref = policy.edge_log_probs(policy.reference, res, ids, inputs=e).mean
+            mean_old = None
+            if cfg.objective.ratio_norm:
+                # The first update runs on the rollout's weights (DeepSpeed steps at the accumulation boundary),
+                # so its means are the old policy's; later updates reuse them.
+                if update == 0:
+                    for edge_id, m_old in zip(ids.tolist(), mean.detach().cpu()):
+                        old_means[edge_id] = m_old
+                mean_old = torch.stack([old_means[i] for i in ids.tolist()]).to(mean)
+            out = trainer.objective(logp, logp_old, torch.as_tensor(adv[ids], dtype=torch.float32, device=dev),
+                                    clip_eps=cfg.objective.clip_eps, kl_coef=cfg.objective.kl_coef,
+                                    mean_new=mean, mean_old=mean_old, mean_ref=mean_ref,
+                                    std=std.expand(len(ids), *([1] * (x.dim() - 1))),
+                                    ratio_norm=cfg.objective.ratio_norm)
+            stats.ratio(out.ratio, first=update == 0 and mb == 0)
+            # Weight each micro-batch by its share of edges; DeepSpeed divides by the accumulation steps.
+            # SP ranks hold token shards of the same samples: DeepSpeed's mean over all ranks times sp_size is
+            # the mean over data-parallel members of the full gradient.
+            loss = out.loss * (len(ids) * trainer.n_micro / edges.size) * policy.sp.loss_scale
+            last = mb == len(chunks) - 1
+            bad, update_skipped = policy.micro_step(loss, (x[:1], s[:1], emb[:1]), last, update_skipped)
+            stats.micro(out, bad, last, update_skipped)
+        stats.end_update(policy.engine)
+    trainer._stats.backward_calls += stats.backward_calls
+    return stats.summary()
+
+
+register_phase("edges", _edge_micro_batches, _train_edges)
+
+
 # ------------------------------------------------------------------------------------------------ samples
 def samples_per_micro_batch(cfg) -> int:
     """Whole samples per micro-batch: ``optim.micro_batch`` counts model inputs, a sample brings ``pairs`` of them."""
@@ -103,9 +181,7 @@ def samples_per_micro_batch(cfg) -> int:
 
 def trained_samples(cfg, iteration: int = 0) -> int:
     """Final samples trained per prompt: the leaves of the tree."""
-    from .tree import TreeSpec, accounting
-
-    return accounting(TreeSpec.from_config(cfg, iteration))["leaves"]
+    return accounting(tree_spec(cfg, iteration))["leaves"]
 
 
 def _sample_micro_batches(trainer) -> int:
@@ -150,13 +226,11 @@ def _item_index(ids: np.ndarray, m: int) -> torch.Tensor:
 def _old_module(trainer):
     name = trainer.objective.old_policy
     if name == "rollout":
-        return trainer.policy_copy if trainer.policy_copy is not None else trainer.engine.module
-    return trainer.copies[name]
+        return trainer.policy.policy_copy if trainer.policy.policy_copy is not None else trainer.policy.engine.module
+    return trainer.policy.copies[name]
 
 
 def _train_samples(trainer, iteration: int, res, adv: np.ndarray, trained: np.ndarray) -> Dict[str, float]:
-    from .trainer import LockstepError
-
     cfg, obj, dev = trainer.cfg, trainer.objective, trainer.dist.device
     n = res.leaf_latents.shape[0]
     if n != trainer.samples_per_iteration:
@@ -172,7 +246,7 @@ def _train_samples(trainer, iteration: int, res, adv: np.ndarray, trained: np.nd
     with torch.no_grad():
         for ids in chunks:
             batch, emb = items(ids, dev)
-            v_old = trainer._velocity_cfg(module, batch.x_t, batch.t, emb, res.negative)
+            v_old = trainer.policy.velocity_cfg(module, batch.x_t, batch.t, emb, res.negative)
             old_parts.append({k: v.detach().cpu() for k, v in obj.old(v_old, batch, cfg).items()})
     module.train(was_training)
     old = {k: torch.cat([p[k] for p in old_parts]) for k in old_parts[0]}
@@ -185,19 +259,19 @@ def _train_samples(trainer, iteration: int, res, adv: np.ndarray, trained: np.nd
         for mb, ids in enumerate(np.array_split(order, trainer.n_micro)):
             batch, emb = items(ids, dev)
             idx = _item_index(ids, items.m)
-            v = trainer._velocity_cfg(trainer.engine, batch.x_t, batch.t, emb, res.negative)
+            v = trainer.policy.velocity_cfg(trainer.policy.engine, batch.x_t, batch.t, emb, res.negative)
             out = obj(v, batch, {k: t[idx] for k, t in old.items()}, cfg)
             stats.ratio(out.ratio, first=update == 0 and mb == 0)
             # Weight each micro-batch by its share of samples (DeepSpeed divides by the accumulation steps); SP
             # ranks hold token shards of the same samples, as in the edge phase.
-            loss = out.loss * (len(ids) * trainer.n_micro / n) * trainer.sp.loss_scale
+            loss = out.loss * (len(ids) * trainer.n_micro / n) * trainer.policy.sp.loss_scale
             last = mb == trainer.n_micro - 1
-            bad, update_skipped = trainer.micro_step(loss, (batch.x_t[:1], batch.t[:1], emb[:1]), last,
+            bad, update_skipped = trainer.policy.micro_step(loss, (batch.x_t[:1], batch.t[:1], emb[:1]), last,
                                                      update_skipped)
             stats.micro(out, bad, last, update_skipped)
             if last:
-                obj.after_step(trainer)
-        stats.end_update(trainer.engine)
+                obj.after_step(lambda name, decay: ema_step(trainer.policy, name, decay), cfg)
+        stats.end_update(trainer.policy.engine)
     trainer._stats.backward_calls += stats.backward_calls
     trainer._stats.trained_samples = n
     return stats.summary()
@@ -207,17 +281,14 @@ register_phase("samples", _sample_micro_batches, _train_samples)
 
 
 # ------------------------------------------------------------------------------------------------ kept copies
-def ema_step(trainer, name: str, decay: float) -> None:
-    """Move the kept copy ``name`` towards the trained weights: ``copy <- decay copy + (1 - decay) weights``.
+def ema_step(policy, name: str, decay: float) -> None:
+    """Move the kept copy ``name`` of ``policy`` (an :class:`~video_branch.engine.policy.Policy`) towards the trained
+    weights: ``copy <- decay copy + (1 - decay) weights``.
 
     Under ZeRO-3 the trained parameters are gathered (a collective: every rank calls this after the same step).
     """
-    import deepspeed
-
-    from .nft import ema_update_
-
-    pairs = [(a, b) for a, b in zip(trainer.engine.module.parameters(), trainer.copies[name].parameters())
+    pairs = [(a, b) for a, b in zip(policy.engine.module.parameters(), policy.copies[name].parameters())
              if a.requires_grad]
     src = [a for a, _ in pairs]
-    with deepspeed.zero.GatheredParameters(src, enabled=trainer.cfg.parallel.zero_stage == 3):
+    with deepspeed.zero.GatheredParameters(src, enabled=policy.cfg.parallel.zero_stage == 3):
         ema_update_([b for _, b in pairs], [a.data for a in src], decay)

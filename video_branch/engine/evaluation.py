@@ -6,12 +6,15 @@ noise and their difference measures the policy, not the sampling.
 
 from __future__ import annotations
 
-from typing import Dict, List
+from typing import Dict, List, Sequence
 
 import numpy as np
 import torch.distributed as dist
 
+from ..core.stats import mean_ci
+from ..parallel.groups import Dist
 from .sampling import generate
+from .scoring import score_frames
 
 
 def shard(n: int, parts: int, index: int) -> List[int]:
@@ -22,24 +25,22 @@ def shard(n: int, parts: int, index: int) -> List[int]:
     return ids + [-1] * (per - len(ids))
 
 
-def heldout_scores(trainer, iteration: int) -> Dict[str, np.ndarray]:
-    """{reward term: [prompts * clips]} over the held-out prompts, gathered from every data-parallel member."""
-    cfg, d = trainer.cfg, trainer.dist
-    prompts = trainer.eval_prompts
+def heldout_scores(cfg, d: Dist, prompts: Sequence[str], wan, encoder, transformer, reward) -> Dict[str, np.ndarray]:
+    """{reward term: [prompts * clips]} over the held-out ``prompts``, sampled with ``transformer`` (the VAE of
+    ``wan`` decodes), gathered from every data-parallel member."""
     mine = shard(len(prompts), d.dp_size, d.dp_rank)
     local_prompts = [prompts[i if i >= 0 else 0] for i in mine]
     seeds = [cfg.eval.seed * 100003 + max(i, 0) for i in mine]
-    frames = generate(trainer.models, local_prompts, seeds, num_steps=cfg.eval.num_steps,
+    frames = generate(wan, local_prompts, seeds, num_steps=cfg.eval.num_steps,
                       guidance_scale=cfg.eval.guidance_scale, shift=cfg.tree.shift, num_frames=cfg.video.num_frames,
                       height=cfg.video.height, width=cfg.video.width, negative_prompt=cfg.rollout.negative_prompt,
                       frontier_batch=cfg.rollout.frontier_batch, clips_per_prompt=cfg.eval.clips_per_prompt,
-                      encoder=trainer.encoder, transformer=trainer.rollout_module(),
-                      decode_batch=cfg.rollout.decode_batch)
+                      encoder=encoder, transformer=transformer, decode_batch=cfg.rollout.decode_batch)
     # Rows are prompt-major: clip c of local prompt t is row t * clips + c.
     tree_of_leaf = np.repeat(np.arange(len(local_prompts)), cfg.eval.clips_per_prompt)
-    scores = trainer._sp_shared(lambda: trainer.reward(frames, [local_prompts[t] for t in tree_of_leaf]))
+    scores = score_frames(reward, frames, [local_prompts[t] for t in tree_of_leaf], d)
     keep = np.array([mine[t] >= 0 for t in tree_of_leaf])
-    local = {k: v.detach().cpu().numpy()[keep] for k, v in scores.items()}
+    local = {k: v.numpy()[keep] for k, v in scores.items()}
     if d.world_size == 1:
         return local
     gathered: List = [None] * d.world_size
@@ -51,3 +52,15 @@ def heldout_scores(trainer, iteration: int) -> Dict[str, np.ndarray]:
         for k, v in part.items():
             out.setdefault(k, []).append(v)
     return {k: np.concatenate(v) for k, v in out.items()}
+
+
+def summarize(scores: Dict[str, np.ndarray]) -> Dict:
+    """Mean and 95% CI per reward term, the clip count, and the per-clip scores in their fixed order (same seeds
+    every evaluation, for paired before/after differences)."""
+    summary: Dict = {}
+    for k, v in scores.items():
+        m, ci = mean_ci(v)
+        summary[k], summary[k + "_ci95"] = m, ci
+    summary["n"] = int(len(next(iter(scores.values()))))
+    summary["per_clip"] = {k: [float(x) for x in np.asarray(v, dtype=np.float64)] for k, v in scores.items()}
+    return summary

@@ -16,6 +16,7 @@ from collections.abc import Callable
 
 import numpy as np
 
+from .errors import CoreError
 from .tree import Tree, TreeSpec
 
 PruneRule = Callable[[np.ndarray, int], np.ndarray]
@@ -36,11 +37,9 @@ def register_prune_rule(name: str):
 
 def get_prune_rule(name: str) -> PruneRule:
     if name not in _RULES:
-        from .config import ConfigError
-
         close = difflib.get_close_matches(name, list(_RULES), n=1)
         hint = f"; did you mean '{close[0]}'?" if close else ""
-        raise ConfigError(f"config key 'tree.prune_rule': unknown rule '{name}'{hint}. Accepted: {sorted(_RULES)}")
+        raise CoreError(f"unknown rule '{name}'{hint}. Accepted: {sorted(_RULES)}")
     return _RULES[name]
 
 

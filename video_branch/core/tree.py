@@ -9,18 +9,17 @@ All arrays are numpy and have one entry per node.
 
 :class:`TreeSpec` is the pure description of the trees of one iteration (steps, splits, step kinds, noise levels),
 derived from the config and the iteration only; :func:`build_structure` lays out the nodes a rollout executes and
-:func:`accounting` counts their cost. ``python -m video_branch.tree`` prints those counts (see ``docs/TREES.md``).
+:func:`accounting` counts their cost. ``python -m video_branch.accounting`` prints those counts (see ``docs/TREES.md``).
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import sys
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
+
+from .errors import CoreError
 
 
 @dataclass
@@ -193,28 +192,28 @@ class TreeSpec:
     def __post_init__(self) -> None:
         n = self.num_steps
         if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
-            raise ValueError(f"TreeSpec.num_steps: expected an integer >= 1, got {n!r}")
+            raise CoreError(f"TreeSpec.num_steps: expected an integer >= 1, got {n!r}")
         for name in ("roots", "branching"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
-                raise ValueError(f"TreeSpec.{name}: expected an integer >= 1, got {v!r}")
+                raise CoreError(f"TreeSpec.{name}: expected an integer >= 1, got {v!r}")
         splits = tuple(int(s) for s in self.split_steps)
         if list(splits) != sorted(set(splits)) or any(not 0 <= s < n for s in splits):
-            raise ValueError(f"TreeSpec.split_steps: expected strictly increasing steps in [0, {n - 1}], got {splits}")
+            raise CoreError(f"TreeSpec.split_steps: expected strictly increasing steps in [0, {n - 1}], got {splits}")
         kinds = ("sde",) * n if self.kinds is None else tuple(self.kinds)
         if len(kinds) != n or any(k not in STEP_KINDS for k in kinds):
-            raise ValueError(f"TreeSpec.kinds: expected {n} entries from {STEP_KINDS}, got {kinds}")
+            raise CoreError(f"TreeSpec.kinds: expected {n} entries from {STEP_KINDS}, got {kinds}")
         if any(kinds[s] != "sde" for s in splits):
-            raise ValueError(f"TreeSpec.kinds: split steps {splits} must be 'sde', got {[kinds[s] for s in splits]}")
+            raise CoreError(f"TreeSpec.kinds: split steps {splits} must be 'sde', got {[kinds[s] for s in splits]}")
         if self.split_noise not in SPLIT_NOISES:
-            raise ValueError(f"TreeSpec.split_noise: expected one of {SPLIT_NOISES}, got {self.split_noise!r}")
+            raise CoreError(f"TreeSpec.split_noise: expected one of {SPLIT_NOISES}, got {self.split_noise!r}")
         split_eta = self.eta if self.split_eta is None else self.split_eta
         for name, v in (("correlation", self.correlation), ("eta", self.eta), ("split_eta", split_eta)):
             # correlation may be inf (the independent limit); noise levels must be finite.
             if np.isnan(v) or v < 0 or (np.isinf(v) and name != "correlation"):
-                raise ValueError(f"TreeSpec.{name}: expected a number >= 0, got {v!r}")
+                raise CoreError(f"TreeSpec.{name}: expected a number >= 0, got {v!r}")
         if not self.shift > 0:
-            raise ValueError(f"TreeSpec.shift: expected a number > 0, got {self.shift!r}")
+            raise CoreError(f"TreeSpec.shift: expected a number > 0, got {self.shift!r}")
         object.__setattr__(self, "num_steps", int(n))
         object.__setattr__(self, "roots", int(self.roots))
         object.__setattr__(self, "branching", int(self.branching))
@@ -230,37 +229,22 @@ class TreeSpec:
         pairs = []
         for item in self.survivors:
             if len(item) != 2 or any(isinstance(v, bool) or not isinstance(v, (int, np.integer)) for v in item):
-                raise ValueError(f"TreeSpec.survivors: expected (step, count) integer pairs, got {self.survivors!r}")
+                raise CoreError(f"TreeSpec.survivors: expected (step, count) integer pairs, got {self.survivors!r}")
             pairs.append((int(item[0]), int(item[1])))
         steps = [p[0] for p in pairs]
         if steps != sorted(set(steps)) or any(not 1 <= st < self.num_steps for st in steps):
-            raise ValueError(f"TreeSpec.survivors: expected strictly increasing checkpoint steps in "
+            raise CoreError(f"TreeSpec.survivors: expected strictly increasing checkpoint steps in "
                              f"[1, {self.num_steps - 1}] (a preview needs one evaluation before it), got {steps}")
         counts = [self.roots]
         for i in range(self.num_steps):
             if i in dict(pairs):
                 keep = dict(pairs)[i]
                 if not 1 <= keep <= counts[-1]:
-                    raise ValueError(f"TreeSpec.survivors: {keep} survivors at step {i}, but a tree has "
+                    raise CoreError(f"TreeSpec.survivors: {keep} survivors at step {i}, but a tree has "
                                      f"{counts[-1]} live nodes there; expected 1..{counts[-1]}")
                 counts[-1] = keep
             counts.append(counts[-1] * (self.branching if i in self.split_steps else 1))
         return tuple(pairs)
-
-    @classmethod
-    def from_config(cls, cfg, iteration: int = 0) -> "TreeSpec":
-        """The spec of training iteration ``iteration`` of a resolved :class:`~video_branch.config.Config`.
-
-        Depends on the config and the iteration only (never on data), so every rank builds the same trees.
-        """
-        t = cfg.tree
-        kinds, splits = step_kinds(t, iteration, cfg.train.seed)
-        return cls(
-            num_steps=t.num_steps, roots=t.roots, split_steps=splits, branching=t.branching,
-            split_noise=t.split_noise, correlation=t.correlation, kinds=kinds, sde_form=t.sde_form,
-            eta=t.eta, split_eta=t.split_eta, shift=t.shift,
-            survivors=tuple(tuple(p) for p in getattr(t, "survivors", ())),
-        )
 
     # --------------------------------------------------------------------------------------------- per step
     def is_split(self, step: int) -> bool:
@@ -315,8 +299,8 @@ def window_steps(window, num_steps: int, iteration: int, start: Optional[int] = 
         return range(0)
     first = window.start if start is None else start
     if first + size > num_steps:
-        raise _config_error(
-            f"config key 'tree.window.start': a window of {size} steps from step {first} does not fit in "
+        raise CoreError(
+            f"window.start: a window of {size} steps from step {first} does not fit in "
             f"tree.num_steps={num_steps}; expected start <= {num_steps - size}"
         )
     offset = window.stride * (iteration // window.slide_interval)
@@ -331,38 +315,9 @@ def draw_split_step(low: int, high: int, seed: int, iteration: int) -> int:
     Seeded by ``(seed, iteration)`` only, so every rank draws the same step.
     """
     if not 0 <= low <= high:
-        raise _config_error(f"config keys 'tree.random_split.low/high': expected 0 <= low <= high, got {low}, {high}")
+        raise CoreError(f"random split low/high: expected 0 <= low <= high, got {low}, {high}")
     rng = np.random.default_rng([int(seed) % (1 << 64), int(iteration), _RANDOM_SPLIT_TAG])
     return int(rng.integers(low, high + 1))
-
-
-def step_kinds(tree_cfg, iteration: int, seed: int) -> Tuple[Tuple[str, ...], Tuple[int, ...]]:
-    """``(kinds, split_steps)`` of one iteration from a ``TreeConfig``.
-
-    Split steps are SDE; the sliding window's steps are SDE; every other step is ``tree.base_kind``. With
-    ``tree.random_split.enabled`` the single split step is drawn per iteration (replacing ``tree.split_steps``) and
-    the window starts at it, truncated at the last step.
-    """
-    if isinstance(iteration, bool) or not isinstance(iteration, (int, np.integer)) or iteration < 0:
-        raise ValueError(f"iteration: expected an integer >= 0, got {iteration!r}")
-    n = tree_cfg.num_steps
-    rs = tree_cfg.random_split
-    if rs.enabled:
-        split = draw_split_step(rs.low, rs.high, seed, iteration)
-        splits: Tuple[int, ...] = (split,)
-        window = range(split, min(split + tree_cfg.window.size, n))
-    else:
-        splits = tuple(int(s) for s in tree_cfg.split_steps)
-        window = window_steps(tree_cfg.window, n, iteration)
-    sde = set(splits) | set(window)
-    kinds = tuple("sde" if i in sde else tree_cfg.base_kind for i in range(n))
-    return kinds, splits
-
-
-def _config_error(msg: str) -> Exception:
-    from .config import ConfigError
-
-    return ConfigError(msg)
 
 
 # ------------------------------------------------------------------------------------------------------ structure
@@ -410,120 +365,3 @@ def accounting(spec: TreeSpec, guidance: bool = False) -> Dict[str, int]:
         "edges": int(n[1:].sum()),
         "sde_edges": int(n[1:][sde].sum()),
     }
-
-
-def count_trained_edges(cfg, spec: TreeSpec, iteration: int = 0, draws: int = 2) -> int:
-    """Trained edges per prompt under ``cfg.prune`` (``video_branch.pruning``).
-
-    Pruning is called on the structure with random node values and advantages; the count must not depend on them
-    (ranks stay in step), so it is drawn ``draws`` times and a difference is an error.
-    """
-    from .ovf import survivor_edges
-    from .pruning import select_trained_edges
-
-    structure = build_structure(spec, 1)
-    counts = set()
-    for d in range(draws):
-        rng = np.random.default_rng([int(cfg.train.seed) % (1 << 64), int(iteration), d])
-        values = rng.standard_normal(structure.num_nodes).astype(np.float32)
-        advantages = rng.standard_normal(structure.num_nodes).astype(np.float32)
-        mask = np.asarray(select_trained_edges(structure, values, advantages, cfg, iteration, rng))
-        mask = mask & survivor_edges(structure, spec)
-        counts.add(int(np.count_nonzero(mask)))
-    if len(counts) != 1:
-        raise RuntimeError(f"the number of trained edges depends on the data ({sorted(counts)}); it must not")
-    return counts.pop()
-
-
-def count_trained_samples(cfg, spec: TreeSpec) -> int:
-    """Final samples trained per prompt: every leaf for a sample-level objective (V-GRPO, DiffusionNFT), else 0."""
-    from .objectives import objective_info
-
-    return int(spec.live_per_depth()[-1]) if objective_info(cfg.objective.name).unit == "samples" else 0
-
-
-def config_accounting(cfg, iteration: int = 0) -> Dict[str, Any]:
-    """Per-prompt accounting of a resolved config at ``iteration`` (forward passes count CFG when enabled)."""
-    spec = TreeSpec.from_config(cfg, iteration)
-    guidance = cfg.rollout.guidance_scale != 1.0
-    out: Dict[str, Any] = {"method": cfg.method, "iteration": int(iteration)}
-    out.update(accounting(spec, guidance))
-    out["trained_edges"] = count_trained_edges(cfg, spec, iteration)
-    out["trained_samples"] = count_trained_samples(cfg, spec)
-    out["guidance_scale"] = cfg.rollout.guidance_scale
-    out["split_steps"] = list(spec.split_steps)
-    out["sde_steps"] = list(spec.sde_steps)
-    if spec.survivors:
-        out["survivors"] = [list(p) for p in spec.survivors]
-        out["evaluated_per_step"] = spec.live_per_depth()[:-1].tolist()  # nodes evaluated at each step, per prompt
-    return out
-
-
-# ------------------------------------------------------------------------------------------------------------ CLI
-_COLUMNS = (
-    ("method", "method", "{}"), ("leaves", "leaves", "{}"), ("forward_passes", "fwd passes", "{}"),
-    ("fwd_per_leaf", "fwd/leaf", "{:.2f}"), ("edges", "edges", "{}"), ("sde_edges", "sde edges", "{}"),
-    ("trained_edges", "trained", "{}"), ("trained_per_leaf", "trained/leaf", "{:.3f}"),
-    ("trained_samples", "trained samples", "{}"), ("sde_steps", "sde steps", "{}"),
-)
-
-
-def _ranges(steps: Sequence[int]) -> str:
-    """``[0, 1, 2, 3, 6, 9]`` -> ``"0-3,6,9"``."""
-    runs: List[List[int]] = []
-    for s in steps:
-        if runs and s == runs[-1][1] + 1:
-            runs[-1][1] = s
-        else:
-            runs.append([s, s])
-    return ",".join(f"{a}-{b}" if b > a else str(a) for a, b in runs) or "-"
-
-
-def format_table(records: Sequence[Dict[str, Any]]) -> str:
-    rows = []
-    for r in records:
-        r = dict(r, fwd_per_leaf=r["forward_passes"] / r["leaves"], trained_per_leaf=r["trained_edges"] / r["leaves"],
-                 sde_steps=_ranges(r["sde_steps"]))
-        rows.append([fmt.format(r[key]) for key, _, fmt in _COLUMNS])
-    heads = [h for _, h, _ in _COLUMNS]
-    widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(heads)]
-    lines = ["  ".join(h.ljust(w) for h, w in zip(heads, widths))]
-    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in rows]
-    return "\n".join(lines)
-
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    from .config import ConfigError, add_config_args, load_config
-    from .methods import preset_names
-
-    parser = argparse.ArgumentParser(
-        prog="python -m video_branch.tree",
-        description="Per-prompt cost of a run's trees: leaves, forward passes (counting CFG), edges, SDE edges and "
-                    "trained edges.",
-    )
-    add_config_args(parser)
-    parser.add_argument("--method", help="a method preset at its published defaults (or 'all')")
-    parser.add_argument("--iteration", type=int, default=0, help="training iteration (step kinds and pruning slide)")
-    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    args = parser.parse_args(argv)
-    if args.config is None and args.method is None:
-        parser.error("give --config CONFIG or --method PRESET")
-    if args.iteration < 0:
-        parser.error(f"--iteration: expected an integer >= 0, got {args.iteration}")
-    methods = preset_names() if args.method == "all" else [args.method]
-    try:
-        records = [config_accounting(load_config(args.config, args.overrides, method=m), args.iteration)
-                   for m in methods]
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    if args.json:
-        payload: Any = {r["method"]: r for r in records} if args.method == "all" else records[0]
-        print(json.dumps(payload, indent=2))
-    else:
-        print(format_table(records))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

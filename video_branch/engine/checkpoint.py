@@ -118,3 +118,16 @@ def load(engine, ckpt_dir: Path, tag: str, rank: int,
         for name, m in copies.items():
             m.load_state_dict(states[name])
     return client_state or {}
+
+
+def resume_point(cfg, run_dir: Path) -> Optional[tuple[Path, str]]:
+    """(checkpoint directory, tag) that this run continues from, or None for a fresh start (decided from the config
+    and the run directory alone): ``never``; ``auto`` without a complete checkpoint; else the given path."""
+    resume = cfg.train.resume
+    if resume == "never":
+        return None
+    if resume == "auto":
+        tag = latest_tag(Path(run_dir) / "checkpoints")
+        return None if tag is None else (Path(run_dir) / "checkpoints", tag)
+    p = Path(resume)
+    return p.parent, p.name

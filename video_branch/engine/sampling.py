@@ -14,10 +14,11 @@ from pathlib import Path
 
 import torch
 
-from .models.vae import decode_to_frames
-from .models.wan import module_dtype_device, velocity
+from ..core.tree import TreeSpec
+from ..models.lora import merge_lora_state
+from ..models.vae import decode_to_frames
+from ..models.wan import module_dtype_device, velocity
 from .rollout import rollout
-from .tree import TreeSpec
 
 PATCH = 2  # Wan's spatial patch size: latent height and width must be even
 
@@ -118,7 +119,7 @@ def generate(
         raise ValueError("generate: the model needs a transformer and a VAE (load them with load_wan)")
     shape = latent_shape_for(models.vae, num_frames, height, width)
     if encoder is None:
-        from .models.text import PromptEncoder
+        from ..models.text import PromptEncoder
 
         if models.text_encoder is None or models.tokenizer is None:
             raise ValueError("generate: the model has no text encoder / tokenizer loaded, and no encoder was given")
@@ -236,36 +237,10 @@ def base_model_path(run_dir: Path) -> Path:
                             f"(looked in {', '.join(str(c) for c in candidates)})")
 
 
-def merge_lora_state(state: dict, scale: float) -> dict:
-    """A peft-wrapped transformer's state dict -> the plain transformer's, with ``W += scale * B @ A`` merged.
-
-    Keys ``base_model.model.<m>.base_layer.weight`` / ``.lora_A.default.weight`` / ``.lora_B.default.weight`` become
-    ``<m>.weight``; a plain state dict is returned unchanged.
-    """
-    prefix = "base_model.model."
-    if not any(k.startswith(prefix) for k in state):
-        return state
-    plain, lora_a, lora_b = {}, {}, {}
-    for key, value in state.items():
-        key = key.removeprefix(prefix)
-        if ".lora_A." in key:
-            lora_a[key.split(".lora_A.")[0]] = value
-        elif ".lora_B." in key:
-            lora_b[key.split(".lora_B.")[0]] = value
-        else:
-            plain[key.replace(".base_layer.", ".")] = value
-    for module, a in lora_a.items():
-        if module not in lora_b or f"{module}.weight" not in plain:
-            raise KeyError(f"checkpoint: LoRA weights of {module} are incomplete (lora_A, lora_B and base weight)")
-        plain[f"{module}.weight"] = plain[f"{module}.weight"] + scale * (lora_b[module].float() @ a.float()).to(
-            plain[f"{module}.weight"].dtype)
-    return plain
-
-
 def load_source(source: ModelSource, *, dtype: str = "float32", device="cpu", components=None):
     """Load a :class:`ModelSource` as ``WanComponents`` (for checkpoints: the run's base model with the trained
     transformer weights from ``zero_to_fp32``)."""
-    from .models.wan import COMPONENTS, load_wan
+    from ..models.wan import COMPONENTS, load_wan
 
     components = tuple(components or COMPONENTS)
     if source.kind == "diffusers":

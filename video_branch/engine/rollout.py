@@ -1,4 +1,4 @@
-"""Frontier-batched tree rollout: execute a :class:`~video_branch.tree.TreeSpec` for a batch of prompts.
+"""Frontier-batched tree rollout: execute a :class:`~video_branch.core.tree.TreeSpec` for a batch of prompts.
 
 At each step every live node of every tree is evaluated together, in micro-batches of at most ``frontier_batch``
 nodes (CFG doubles a call's batch: unconditional and conditional halves in one call). A split step evaluates the
@@ -27,9 +27,9 @@ from typing import Callable, Dict, Optional, Sequence
 import numpy as np
 import torch
 
-from . import sde
-from .schedule import flow_sigmas, model_timesteps
-from .tree import Tree, TreeSpec, build_structure
+from ..core import sde
+from ..core.schedule import flow_sigmas, model_timesteps
+from ..core.tree import Tree, TreeSpec, build_structure
 
 ModelFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 # prune_fn(step, node_ids [L], node_trees [L], x0_hat [L, *latent_shape]) -> kept node ids
@@ -185,7 +185,7 @@ def rollout(
     """Roll out one tree per prompt.
 
     Args:
-        spec: the trees' description (:meth:`TreeSpec.from_config`).
+        spec: the trees' description (:func:`video_branch.config.specs.tree_spec`).
         model_fn: ``(x [B, *latent_shape] in dtype, t [B] float32 = 1000 * s, emb [B, L, D]) -> velocity`` of x's shape.
         prompt_embeds: ``[T, L, D]``, one prompt per tree.
         latent_shape: ``(C, F, H, W)`` of one sample.

@@ -4,7 +4,7 @@ An edge objective (unit ``"edges"``) maps per-edge tensors to a scalar loss plus
 objective of ALGORITHMS.md section 5 is the default; GRPO-Guard ratio normalisation and the KL to a frozen reference
 are options of it. A sample objective (unit ``"samples"``, ALGORITHMS.md section 8: V-GRPO, DiffusionNFT) trains on
 the final samples of the rollout through noised (t, eps) pairs; the trainer's training phase of that unit
-(``video_branch.phases``) drives it.
+(``video_branch.engine.phases``) drives it.
 """
 
 from __future__ import annotations
@@ -14,6 +14,9 @@ from dataclasses import dataclass
 from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
+
+from .nft import nft_loss, optimality_probability
+from .surrogate import pair_errors, surrogate_loss, vgrpo_loss, x0_kl
 
 _OBJECTIVES: Dict[str, Callable[..., "ObjectiveOut"]] = {}
 _INFO: Dict[str, "ObjectiveInfo"] = {}
@@ -148,8 +151,9 @@ class SampleObjective:
     def __call__(self, v: torch.Tensor, batch: SampleBatch, old: Dict[str, torch.Tensor], cfg: Any) -> ObjectiveOut:
         raise NotImplementedError
 
-    def after_step(self, trainer) -> None:
-        """Called after each optimizer step."""
+    def after_step(self, ema, cfg: Any) -> None:
+        """Called after each optimizer step; ``ema(copy_name, decay)`` moves a kept copy towards the trained
+        weights (the engine implements it: under ZeRO-3 it gathers the parameters)."""
 
 
 @register_objective("vgrpo", unit="samples", reference=False)
@@ -162,8 +166,6 @@ class VGRPOObjective(SampleObjective):
     """
 
     def old(self, v_old, batch, cfg):
-        from .surrogate import pair_errors
-
         err, w = pair_errors(v_old, batch.x0.to(v_old.device), batch.eps.to(v_old.device))
         out = {"error": err, "weight": w}
         if cfg.objective.kl_coef > 0:
@@ -171,8 +173,6 @@ class VGRPOObjective(SampleObjective):
         return out
 
     def __call__(self, v, batch, old, cfg):
-        from .surrogate import pair_errors, surrogate_loss, vgrpo_loss, x0_kl
-
         dev = v.device
         err, _ = pair_errors(v, batch.x0.to(dev), batch.eps.to(dev), weight=old["weight"].to(dev))
         m = batch.pairs
@@ -201,8 +201,6 @@ class NFTObjective(SampleObjective):
         return {"v": v_old}
 
     def __call__(self, v, batch, old, cfg):
-        from .nft import nft_loss, optimality_probability
-
         dev = v.device
         r = optimality_probability(batch.adv.to(dev), cfg.credit.adv_clip)
         loss = nft_loss(batch.x_t.to(dev), batch.t.to(dev), batch.x0.to(dev), v, old["v"].to(dev), r,
@@ -210,7 +208,5 @@ class NFTObjective(SampleObjective):
         zero = torch.zeros((), dtype=torch.float32, device=dev)
         return ObjectiveOut(loss=loss, ratio=torch.zeros(0, device=dev), clipped_frac=zero, kl=zero)
 
-    def after_step(self, trainer) -> None:
-        from .phases import ema_step
-
-        ema_step(trainer, "ema", trainer.cfg.objective.ema_decay)
+    def after_step(self, ema, cfg) -> None:
+        ema("ema", cfg.objective.ema_decay)

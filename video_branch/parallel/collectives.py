@@ -1,0 +1,43 @@
+"""Small collectives of the run: NaN-aware metric means, an any-rank flag, and sharing a result inside an SP group."""
+
+from __future__ import annotations
+
+from typing import Callable, Dict, TypeVar
+
+import torch
+import torch.distributed as dist
+
+from .groups import Dist
+
+T = TypeVar("T")
+
+
+def all_mean(d: Dist, values: Dict[str, float]) -> Dict[str, float]:
+    """Average over ranks (NaN-aware: a rank with no valid value does not count)."""
+    if d.world_size == 1:
+        return values
+    keys = sorted(values)
+    v = torch.tensor([values[k] for k in keys], dtype=torch.float64)
+    ok = torch.isfinite(v).double()
+    s = torch.stack([torch.nan_to_num(v) * ok, ok])
+    dist.all_reduce(s)
+    return {k: float(s[0, i] / s[1, i]) if s[1, i] > 0 else float("nan") for i, k in enumerate(keys)}
+
+
+def any_rank(d: Dist, flag: bool) -> bool:
+    """True on every rank if ``flag`` is true on any rank."""
+    if d.world_size == 1:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0])
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item() > 0)
+
+
+def sp_shared(d: Dist, fn: Callable[[], T]) -> T:
+    """Run ``fn`` on the first rank of the sequence-parallel group and share its result with the group (the ranks of
+    a group hold identical samples, so rewards are computed once)."""
+    if d.sp_size == 1:
+        return fn()
+    box = [fn() if d.sp_rank == 0 else None]
+    dist.broadcast_object_list(box, src=d.rank - d.sp_rank, group=d.sp_group)
+    return box[0]
