@@ -1,7 +1,8 @@
 # ruff: noqa: E501, W291  (the prompt template below is the trained text, long lines and trailing spaces included)
 """VideoAlign (VideoReward): Qwen2-VL-2B with a linear reward head read at three special tokens.
 
-Loads the released checkpoint layout from a local directory and scores in-memory frames on transformers 5::
+Loads the released checkpoint layout from a local directory and scores in-memory frames on transformers 5, with the
+numbers of the released inference code (transformers 4.45)::
 
     <path>/model_config.json          data_config, model_config, peft_lora_config, inference_config
     <path>/checkpoint-<step>/         the latest step unless ``checkpoint_step`` is given (files may also sit in <path>)
@@ -11,17 +12,20 @@ Loads the released checkpoint layout from a local directory and scores in-memory
 The base model (``model_config.model_name_or_path``, overridable with ``base_model``) is a local Qwen2-VL
 directory: ``config.json``, its weights, the tokenizer (with its chat template) and ``preprocessor_config.json``.
 The checkpoint was written by transformers 4.45 (``visual.*``, ``model.layers.*``); keys are moved to the 5.x
-layout (``model.visual.*``, ``model.language_model.*``), LoRA deltas are merged into the weights
-(``W += alpha / r * B @ A``), and the reward head ``rm_head`` (Linear, no bias) is read at the hidden states of
-``<|VQ_reward|>``, ``<|MQ_reward|>``, ``<|TA_reward|>``.
+layout (``model.visual.*``, ``model.language_model.*``), the LoRA factors are attached with PEFT and run unmerged in
+the model dtype (as the released code runs them), and the reward head ``rm_head`` (Linear, no bias) is read at the
+hidden states of ``<|VQ_reward|>``, ``<|MQ_reward|>``, ``<|TA_reward|>``. The language model gets plain sequential
+positions ``0..L-1`` on all three rotary sections: the released reward model calls the 4.45 language model with
+``position_ids=None``, which never computes Qwen2-VL's multimodal (M-RoPE) positions.
 
-Preprocessing follows the released code, without any video file: frames are sampled uniformly
-(``linspace(0, T-1, n).round()``) with ``n`` from ``num_frames`` or ``T / video_fps * fps`` (the checkpoint's
-``data_config``), clamped to at least 4 and rounded to even (short clips repeat frames); each frame is resized
-(bicubic, antialiased, back to uint8 values) to multiples of 28 within ``[min_pixels, max_pixels]``
-(``max_pixels`` = ``data_config.max_frame_pixels``), scaled to [0, 1] and normalised with the base model's
-``image_mean`` / ``image_std``. Scores are ``(raw - mean) / std`` with the ``inference_config`` statistics
-(``use_norm``), and ``Overall = VQ + MQ + TA``.
+Preprocessing follows the released code (its ``vision_process.py``), without any video file: ``sample_type``
+``uniform`` samples ``linspace(0, T-1, n).round()`` with ``n`` from ``num_frames`` (rounded to even, at most T), or
+else ``T / video_fps * fps`` clamped to [4, min(768, T) rounded down to even] and rounded to even; ``multi_pts``
+takes 4 windows of 6 frames from the clip resampled at 8 fps. Each frame is resized (bicubic, antialiased, back to
+uint8 values) to multiples of 28 within ``[min_pixels, max_pixels]`` (``max_pixels`` =
+``data_config.max_frame_pixels``), scaled to [0, 1] and normalised with the base model's ``image_mean`` /
+``image_std``. Scores are ``(raw - mean) / std`` with the ``inference_config`` statistics (``use_norm``), and
+``Overall = VQ + MQ + TA``.
 """
 
 from __future__ import annotations
@@ -130,21 +134,50 @@ def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixe
     return h, w
 
 
-def frame_count(total: int, video_fps: float, fps: Optional[float], num_frames: Optional[int]) -> int:
-    """Frames to sample: ``num_frames``, else ``total / video_fps * fps`` clamped to [4, min(768, total)];
-    always even and at least 4."""
+def frame_count(total: int, video_fps: float, fps: Optional[float], num_frames: Optional[float]) -> int:
+    """Frames to sample under ``sample_type: uniform`` (the released ``smart_nframes``).
+
+    ``num_frames`` given: rounded to even (half to even), then at most ``total``. Otherwise ``total / video_fps * fps``
+    clamped to [4, min(768, total) rounded down to even] and rounded to even. So a 2- or 3-frame clip gives 2 frames.
+    Raises ValueError where the released code fails: fewer than 2 frames (a single image, ``num_frames`` < 2), and
+    an odd count (``num_frames`` above an odd ``total``), which Qwen2-VL's 2-frame patches cannot hold.
+    """
     if num_frames is not None:
         n = _round_by(num_frames, FRAME_FACTOR)
+        if n > total:
+            n = total
     else:
         top = _floor_by(min(MAX_FRAMES, total), FRAME_FACTOR)
-        n_raw = total / video_fps * fps
-        n = _round_by(min(max(n_raw, MIN_FRAMES), max(top, MIN_FRAMES)), FRAME_FACTOR)
-    return max(MIN_FRAMES, n)
+        n = _round_by(min(max(total / video_fps * fps, _ceil_by(MIN_FRAMES, FRAME_FACTOR)), top), FRAME_FACTOR)
+    if n < FRAME_FACTOR:
+        raise ValueError(f"videoalign: a clip of {total} frame(s) with num_frames={num_frames} gives {n} frames to "
+                         f"sample; VideoAlign needs at least {FRAME_FACTOR} (clips of >= 2 frames, num_frames >= 2)")
+    if n % FRAME_FACTOR:
+        raise ValueError(f"videoalign: num_frames={num_frames} exceeds the clip's {total} frames, and {n} frames "
+                         f"cannot fill Qwen2-VL's {FRAME_FACTOR}-frame patches: use num_frames <= {total - 1}")
+    return int(n)
 
 
 def sample_indices(total: int, n: int) -> torch.Tensor:
     """Uniform frame indices ``linspace(0, total - 1, n).round()`` (repeats frames when n > total)."""
     return torch.linspace(0, total - 1, n).round().long()
+
+
+MULTI_PTS_FPS, MULTI_PTS_WINDOWS, MULTI_PTS_WINDOW = 8, 4, 6
+
+
+def multi_pts_indices(total: int, video_fps: float) -> torch.Tensor:
+    """``sample_type: multi_pts``: the clip resampled at 8 fps, then 4 evenly spread windows of 6 consecutive
+    resampled frames (24 indices). Raises ValueError when the resampled clip has fewer than 7 frames, where the
+    released code's windows would overlap the clip's ends and come out short or empty."""
+    n = int(total * MULTI_PTS_FPS // video_fps)
+    half = MULTI_PTS_WINDOW // 2
+    if n < MULTI_PTS_WINDOW + 1:
+        raise ValueError(f"videoalign: sample_type 'multi_pts' needs at least {MULTI_PTS_WINDOW + 1} frames at "
+                         f"{MULTI_PTS_FPS} fps; a clip of {total} frames at {video_fps:g} fps gives {n}")
+    resampled = sample_indices(total, n)
+    centres = torch.linspace(half, n - half - 1, MULTI_PTS_WINDOWS).round().long().tolist()
+    return torch.cat([resampled[c - half:c + half] for c in centres])
 
 
 def resize_frames(frames: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
@@ -274,26 +307,73 @@ def split_state(state: Dict[str, torch.Tensor]):
     return plain, lora
 
 
-def _lora_scale(module: str, rank: int, cfg: Dict) -> float:
-    alpha = cfg.get("lora_alpha", rank)
-    for pattern, value in (cfg.get("alpha_pattern") or {}).items():
-        if re.fullmatch(rf"(.*\.)?{pattern}", module):
+def lora_scale(module: str, rank: int, peft_cfg: Dict, adapter_cfg: Dict) -> float:
+    """The LoRA scaling of one module: ``lora_alpha / r`` (``/ sqrt(r)`` with rsLoRA), as the released code builds
+    its LoraConfig, from ``model_config.json``'s ``peft_lora_config``; ``adapter_config.json`` fills what that lacks
+    (and may add an ``alpha_pattern``). ``r`` is the rank the checkpoint's factors have."""
+    want = peft_cfg.get("lora_r")
+    if want is not None and int(want) != rank:
+        raise ValueError(f"videoalign: LoRA factors of {module} have rank {rank}, peft_lora_config.lora_r is {want}")
+    alpha = peft_cfg.get("lora_alpha", adapter_cfg.get("lora_alpha", rank))
+    legacy = _to_v445_name(module)
+    for pattern, value in (adapter_cfg.get("alpha_pattern") or {}).items():
+        if any(re.fullmatch(rf"(.*\.)?{pattern}", name) for name in (module, legacy)):
             alpha = value
-    denom = math.sqrt(rank) if cfg.get("use_rslora") else rank
-    return float(alpha) / denom
+    rslora = peft_cfg.get("use_rslora", adapter_cfg.get("use_rslora", False))
+    return float(alpha) / (math.sqrt(rank) if rslora else rank)
 
 
-def load_reward_weights(model: torch.nn.Module, files: Dict[str, str], lora_cfg: Dict, vocab_grew: bool) -> None:
-    """Load a released checkpoint into ``model`` (5.x layout, with ``rm_head``), merging LoRA deltas."""
+def _to_v445_name(name: str) -> str:
+    if name.startswith("model.language_model."):
+        return "model." + name[len("model.language_model."):]
+    if name.startswith("model.visual."):
+        return name[len("model."):]
+    return name
+
+
+def attach_lora(model: torch.nn.Module, lora: Dict[str, Dict], scales: Dict[str, float]) -> None:
+    """Wrap each module named in ``lora`` with PEFT's LoRA layer (unmerged: ``base(x) + B(A(x)) * scale``, computed
+    in the dtype the model is later cast to, as PEFT runs the released model) and load its factors."""
+    from collections import Counter
+
+    from peft import LoraConfig, inject_adapter_in_model
+
+    modules = dict(model.named_modules())
+    for mod, ab in lora.items():
+        if "A" not in ab or "B" not in ab or mod not in modules:
+            raise KeyError(f"videoalign: incomplete or unknown LoRA module {mod!r} in the checkpoint")
+    ranks = {mod: int(ab["A"].shape[0]) for mod, ab in lora.items()}
+    r0 = Counter(ranks.values()).most_common(1)[0][0]
+    cfg = LoraConfig(r=r0, lora_alpha=r0, target_modules=sorted(lora), lora_dropout=0.0, bias="none",
+                     rank_pattern={re.escape(m): r for m, r in ranks.items() if r != r0})
+    inject_adapter_in_model(cfg, model, adapter_name="default")
+    with torch.no_grad():
+        for mod, ab in lora.items():
+            layer = model.get_submodule(mod)
+            if ab["embedding"]:
+                a, b = layer.lora_embedding_A["default"], layer.lora_embedding_B["default"]
+            else:
+                a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+            for name, param, value in (("A", a, ab["A"]), ("B", b, ab["B"])):
+                if param.shape != value.shape:
+                    raise ValueError(f"videoalign: LoRA {name} of {mod} has shape {tuple(value.shape)}, the module "
+                                     f"expects {tuple(param.shape)}")
+                param.copy_(value.to(param.dtype))
+            layer.scaling["default"] = scales[mod]
+
+
+def load_reward_weights(model: torch.nn.Module, files: Dict[str, str], peft_cfg: Dict, vocab_grew: bool) -> None:
+    """Load a released checkpoint into ``model`` (5.x layout, with ``rm_head``); LoRA factors are attached unmerged."""
     from safetensors.torch import load_file
 
+    adapter_cfg: Dict = {}
     if "full" in files:
         state = torch.load(files["full"], map_location="cpu", weights_only=True)
     else:
         state = dict(load_file(files["adapter"]))
         state.update(torch.load(files["non_lora"], map_location="cpu", weights_only=True))
         with open(files["adapter_config"]) as f:
-            lora_cfg = {**lora_cfg, **json.load(f)}
+            adapter_cfg = json.load(f)
     plain, lora = split_state(state)
     own = model.state_dict()
     unknown = [k for k in plain if k not in own]
@@ -310,20 +390,10 @@ def load_reward_weights(model: torch.nn.Module, files: Dict[str, str], lora_cfg:
             raise ValueError(f"videoalign: checkpoint {k} has shape {tuple(v.shape)}, model expects "
                              f"{tuple(own[k].shape)}")
     model.load_state_dict(plain, strict=False)
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for mod, ab in lora.items():
-            if "A" not in ab or "B" not in ab or f"{mod}.weight" not in params:
-                raise KeyError(f"videoalign: incomplete or unknown LoRA module {mod!r} in the checkpoint")
-            a, b = ab["A"].float(), ab["B"].float()
-            rank = a.shape[0]
-            delta = (b @ a) * _lora_scale(mod, rank, lora_cfg)
-            w = params[f"{mod}.weight"]
-            delta = delta.T if ab["embedding"] else delta
-            if delta.shape != w.shape:
-                raise ValueError(f"videoalign: LoRA delta for {mod} has shape {tuple(delta.shape)}, weight is "
-                                 f"{tuple(w.shape)}")
-            w.add_(delta.to(w.dtype))
+    if lora:
+        scales = {mod: lora_scale(mod, int(ab["A"].shape[0]), peft_cfg, adapter_cfg)
+                  for mod, ab in lora.items() if "A" in ab}
+        attach_lora(model, lora, scales)
 
 
 # ------------------------------------------------------------------------------------------------- the reward
@@ -353,15 +423,41 @@ def _resolve_base(path: str, cfg: Dict, base_model: Optional[str]) -> str:
                             "(code never downloads weights: pass base_model=/path/to/Qwen2-VL-2B-Instruct)")
 
 
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def resolve_dtype(dtype: str, model_cfg: Dict, base: str) -> torch.dtype:
+    """The scoring dtype. ``auto`` follows the checkpoint's ``model_config.torch_dtype`` (the released code loads
+    the model in it on every device; the release says bfloat16); its ``auto`` means the base model's
+    ``config.json`` dtype, and no setting means float32."""
+    if dtype != "auto":
+        if dtype not in DTYPES:
+            raise ValueError(f"videoalign: dtype must be 'auto' or one of {sorted(DTYPES)}, got {dtype!r}")
+        return DTYPES[dtype]
+    want = model_cfg.get("torch_dtype")
+    if want == "auto":
+        with open(os.path.join(base, "config.json")) as f:
+            base_cfg = json.load(f)
+        want = base_cfg.get("torch_dtype") or base_cfg.get("dtype") or (base_cfg.get("text_config") or {}).get(
+            "torch_dtype")
+    if want is None:
+        return torch.float32
+    if want not in DTYPES:
+        raise ValueError(f"videoalign: model_config.torch_dtype {want!r} is not one of {sorted(DTYPES)} or 'auto'")
+    return DTYPES[want]
+
+
 @register("videoalign")
 class VideoAlign:
-    """VideoReward scores ``VQ, MQ, TA, Overall`` of uint8 clips ``[B, T, H, W, 3]`` for their prompts.
+    """VideoReward scores ``VQ, MQ, TA, Overall`` of uint8 clips ``[B, T, H, W, 3]`` (T >= 2) for their prompts.
 
     path: the released directory (``model_config.json`` + ``checkpoint-*``). base_model: local Qwen2-VL directory
-    (default: ``model_config.model_name_or_path``). video_fps: frame rate of the clips given (Wan: 16).
-    fps / num_frames / max_pixels: override ``data_config``; min_pixels: the frame-area floor (Qwen2-VL's video
-    default, 128 * 28 * 28). dtype: "auto" (bf16 on GPU, fp32 on CPU), "bfloat16", "float16" or "float32".
-    batch_size: clips per forward (None: the whole batch).
+    (default: ``model_config.model_name_or_path``). video_fps: frame rate of the clips given (Wan: 16; a call may
+    pass its own). fps / num_frames / max_pixels: override ``data_config`` (at most one of fps and num_frames; a
+    frame count, given or from the config, wins over fps, as in the released code); min_pixels: the frame-area
+    floor (Qwen2-VL's video default, 128 * 28 * 28). sample_type: override ``data_config.sample_type``
+    (``uniform`` or ``multi_pts``). dtype: "auto" (the checkpoint's ``model_config.torch_dtype``: bf16 for the
+    release), "bfloat16", "float16" or "float32". batch_size: clips per forward (None: the whole batch).
     """
 
     def __init__(
@@ -376,6 +472,7 @@ class VideoAlign:
         num_frames: Optional[int] = None,
         max_pixels: Optional[int] = None,
         min_pixels: int = VIDEO_MIN_PIXELS,
+        sample_type: Optional[str] = None,
         use_norm: bool = True,
         batch_size: Optional[int] = None,
     ):
@@ -391,26 +488,30 @@ class VideoAlign:
         self.vision = VisionSpec.load(base)
 
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        dtypes = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-        if dtype == "auto":
-            self.dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
-        elif dtype in dtypes:
-            self.dtype = dtypes[dtype]
-        else:
-            raise ValueError(f"videoalign: dtype must be 'auto' or one of {sorted(dtypes)}, got {dtype!r}")
+        self.dtype = resolve_dtype(dtype, mcfg, base)
 
         self.template = data.get("prompt_template_type", "detailed_special")
         build_prompt("", self.template)
+        if fps is not None and num_frames is not None:
+            raise ValueError(f"videoalign: give fps ({fps}) or num_frames ({num_frames}), not both")
         self.video_fps = float(video_fps)
-        # An explicit fps means fps sampling, even when the config fixes a frame count.
-        self.num_frames = num_frames if num_frames is not None else (
-            None if fps is not None else data.get("num_frames"))
+        self.num_frames = num_frames if num_frames is not None else data.get("num_frames")
         self.fps = float(fps if fps is not None else data.get("fps") or 2.0)
+        self.sample_type = sample_type or data.get("sample_type") or "uniform"
+        if self.sample_type not in ("uniform", "multi_pts"):
+            raise ValueError(f"videoalign: sample_type {self.sample_type!r} is not supported "
+                             "('uniform' or 'multi_pts')")
         self.max_pixels = int(max_pixels if max_pixels is not None else data.get("max_frame_pixels", 240 * 320))
         self.min_pixels = int(min_pixels)
         self.use_norm = bool(use_norm)
         self.batch_size = batch_size
-        self.reward_token = mcfg.get("reward_token", "special" if mcfg.get("use_special_tokens") else "last")
+        # As the released reward model: the special tokens exist only with use_special_tokens, and then decide the
+        # read-out whatever reward_token says.
+        use_special = bool(mcfg.get("use_special_tokens", False))
+        self.reward_token = "special" if use_special else mcfg.get("reward_token", "last")
+        if self.reward_token == "special" and not use_special:
+            raise ValueError("videoalign: model_config.reward_token 'special' needs use_special_tokens: true (the "
+                             "reward tokens are added to the vocabulary only then)")
         if self.reward_token not in ("special", "last"):
             raise ValueError(f"videoalign: model_config.reward_token {self.reward_token!r} is not supported "
                              "('special' or 'last')")
@@ -421,7 +522,7 @@ class VideoAlign:
 
         tok = AutoTokenizer.from_pretrained(base, local_files_only=True, padding_side="right")
         base_len = len(tok)
-        if mcfg.get("use_special_tokens", self.reward_token == "special"):
+        if use_special:
             tok.add_special_tokens({"additional_special_tokens": list(REWARD_TOKENS)})
         self.tokenizer = tok
         self.chat_template = self._chat_template(base, tok)
@@ -430,7 +531,7 @@ class VideoAlign:
             base, local_files_only=True, dtype=torch.float32, attn_implementation="sdpa")
         vocab_grew = len(tok) != base_len
         if vocab_grew:
-            model.resize_token_embeddings(len(tok))
+            model.resize_token_embeddings(len(tok), mean_resizing=False)
         hidden = model.config.text_config.hidden_size
         model.rm_head = torch.nn.Linear(hidden, int(mcfg.get("output_dim", 1)), bias=False)
         load_reward_weights(model, files, cfg.get("peft_lora_config") or {}, vocab_grew)
@@ -455,12 +556,19 @@ class VideoAlign:
         raise FileNotFoundError(f"videoalign: no chat template in {base} (tokenizer_config.json, chat_template.jinja "
                                 "or chat_template.json)")
 
-    def preprocess(self, frames: torch.Tensor, prompts: List[str]) -> Dict[str, torch.Tensor]:
-        """uint8 [B, T, H, W, 3] + B prompts -> model inputs (input_ids, attention_mask, mm_token_type_ids,
-        pixel_values_videos, video_grid_thw), on the CPU."""
+    def frame_indices(self, total: int, video_fps: Optional[float] = None) -> torch.Tensor:
+        """The frames sampled from a clip of ``total`` frames at ``video_fps`` (default: the reward's)."""
+        vfps = float(video_fps if video_fps is not None else self.video_fps)
+        if self.sample_type == "multi_pts":
+            return multi_pts_indices(total, vfps)
+        return sample_indices(total, frame_count(total, vfps, self.fps, self.num_frames))
+
+    def preprocess(self, frames: torch.Tensor, prompts: List[str],
+                   video_fps: Optional[float] = None) -> Dict[str, torch.Tensor]:
+        """uint8 [B, T, H, W, 3] + B prompts -> model inputs (input_ids, attention_mask, position_ids,
+        pixel_values_videos, video_grid_thw), on the CPU. position_ids: [3, B, L], sequential on every section."""
         b, t, h, w, _ = frames.shape
-        n = frame_count(t, self.video_fps, self.fps, self.num_frames)
-        idx = sample_indices(t, n)
+        idx = self.frame_indices(t, video_fps)
         size = smart_resize(h, w, self.vision.patch * self.vision.merge, self.min_pixels, self.max_pixels)
         pixels, grids, texts = [], [], []
         for i in range(b):
@@ -478,10 +586,13 @@ class VideoAlign:
             texts.append(text.replace(VIDEO_PAD, VIDEO_PAD * tokens))
         enc = self.tokenizer(texts, padding=True, return_tensors="pt", add_special_tokens=False)
         ids = enc["input_ids"]
+        # The released reward model calls the 4.45 language model with position_ids=None: positions 0..L-1, the same
+        # on the temporal, height and width rotary sections (no M-RoPE).
+        positions = torch.arange(ids.shape[1]).view(1, 1, -1).expand(3, b, -1)
         return {
             "input_ids": ids,
             "attention_mask": enc["attention_mask"],
-            "mm_token_type_ids": (ids == self.video_token_id).long() * 2,
+            "position_ids": positions,
             "pixel_values_videos": torch.cat(pixels),
             "video_grid_thw": torch.tensor(grids, dtype=torch.long),
         }
@@ -511,7 +622,9 @@ class VideoAlign:
                     raise ValueError(f"videoalign: reward_token 'last' needs output_dim 3, got {out.shape[-1]}")
         return out.cpu()
 
-    def __call__(self, frames: torch.Tensor, prompts: List[str]) -> Dict[str, torch.Tensor]:
+    def __call__(self, frames: torch.Tensor, prompts: List[str], *,
+                 video_fps: Optional[float] = None) -> Dict[str, torch.Tensor]:
+        """Scores of B clips; ``video_fps`` overrides the reward's frame rate for this call (a file's own rate)."""
         if not isinstance(frames, torch.Tensor) or frames.dim() != 5 or frames.shape[-1] != 3:
             got = getattr(frames, "shape", frames)
             raise ValueError(f"videoalign: frames must be uint8 [B, T, H, W, 3], got {got}")
@@ -519,8 +632,10 @@ class VideoAlign:
             raise ValueError(f"videoalign: frames must be uint8, got {frames.dtype}")
         if len(prompts) != frames.shape[0]:
             raise ValueError(f"videoalign: {frames.shape[0]} clips but {len(prompts)} prompts")
+        if video_fps is not None and not (video_fps > 0 and math.isfinite(video_fps)):
+            raise ValueError(f"videoalign: video_fps must be a positive number, got {video_fps!r}")
         step = self.batch_size or frames.shape[0]
-        raw = torch.cat([self._raw(self.preprocess(frames[s:s + step], list(prompts[s:s + step])))
+        raw = torch.cat([self._raw(self.preprocess(frames[s:s + step], list(prompts[s:s + step]), video_fps))
                          for s in range(0, frames.shape[0], step)])
         out = {}
         for j, d in enumerate(DIMS):

@@ -148,7 +148,8 @@ def released(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def rm_lora(released):
-    return reward_models.build("videoalign", path=released["lora"], base_model=released["base"], min_pixels=3136)
+    return reward_models.build("videoalign", path=released["lora"], base_model=released["base"], min_pixels=3136,
+                               dtype="float32")
 
 
 def _clips(n=2, t=9, seed=0):
@@ -156,28 +157,8 @@ def _clips(n=2, t=9, seed=0):
     return torch.randint(0, 256, (n, t, 64, 64, 3), generator=g, dtype=torch.uint8)
 
 
-def _reference(released, rm, frames, prompts):
-    """Scores straight from the in-memory trained model (LoRA unmerged, PEFT forward), on rm's inputs."""
-    inputs = rm.preprocess(frames, prompts)
-    inner = released["peft"].base_model.model
-    with torch.no_grad():
-        hidden = inner.model(**inputs, use_cache=False).last_hidden_state
-    tok = released["tok"]
-    raw = []
-    for b in range(frames.shape[0]):
-        row = []
-        for token in REWARD_TOKENS:
-            pos = (inputs["input_ids"][b] == tok.convert_tokens_to_ids(token)).nonzero().item()
-            row.append(inner.rm_head(hidden[b, pos]).item())
-        raw.append(row)
-    raw = torch.tensor(raw)
-    out = {}
-    for j, d in enumerate(("VQ", "MQ", "TA")):
-        out[d] = (raw[:, j] - INFERENCE[f"{d}_mean"]) / INFERENCE[f"{d}_std"]
-    return out
-
-
-def test_lora_release_loads_and_matches_the_trained_model(released, rm_lora):
+def test_lora_release_loads_and_scores(released, rm_lora):
+    # Agreement with a reference forward of the trained model: test_videoalign_parity.py.
     rm = rm_lora
     assert rm.files["adapter"].endswith(os.path.join("checkpoint-120", "adapter_model.safetensors"))
     frames, prompts = _clips(), ["a red circle moving left", "a blue square moving up"]
@@ -185,36 +166,35 @@ def test_lora_release_loads_and_matches_the_trained_model(released, rm_lora):
     assert set(out) == {"VQ", "MQ", "TA", "Overall"}
     for v in out.values():
         assert v.shape == (2,) and torch.isfinite(v).all()
-    ref = _reference(released, rm, frames, prompts)
-    for d in ("VQ", "MQ", "TA"):
-        torch.testing.assert_close(out[d], ref[d], atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(out["Overall"], out["VQ"] + out["MQ"] + out["TA"])
     # The two clips differ, so a working model tells them apart.
     assert not torch.equal(out["VQ"][0], out["VQ"][1])
 
 
 def test_full_model_pth_loads_to_the_same_scores(released, rm_lora):
-    rm_full = reward_models.build("videoalign", path=released["full"], base_model=released["base"], min_pixels=3136)
+    rm_full = reward_models.build("videoalign", path=released["full"], base_model=released["base"], min_pixels=3136,
+                                  dtype="float32")
     frames, prompts = _clips(seed=1), ["x", "y"]
     a, b = rm_full(frames, prompts), rm_lora(frames, prompts)
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=1e-4, rtol=1e-4)
 
 
-def test_same_clip_twice_gives_identical_scores(rm_lora):
+def test_same_clip_twice_gives_the_same_scores(rm_lora):
     rm = rm_lora
     clip = _clips(1, seed=2)
     out = rm(torch.cat([clip, clip]), ["a green triangle", "a green triangle"])
-    for v in out.values():
-        assert torch.equal(v[0], v[1])
+    for v in out.values():  # equal up to the last bit of a float32 matrix product over the batch
+        assert abs(float(v[0]) - float(v[1])) <= 1e-6
 
 
 def test_default_pixel_floor_upscales_and_still_scores(released):
-    rm = reward_models.build("videoalign", path=released["lora"], base_model=released["base"], num_frames=6)
-    inputs = rm.preprocess(_clips(1, t=3), ["p"])
+    rm = reward_models.build("videoalign", path=released["lora"], base_model=released["base"], num_frames=6,
+                             dtype="float32")
+    inputs = rm.preprocess(_clips(1, t=7), ["p"])
     # 64x64 is below 128*28*28 pixels: upscaled to 336x336 (24x24 patches); 6 frames -> 3 temporal patches.
     assert inputs["video_grid_thw"].tolist() == [[3, 24, 24]]
-    assert torch.isfinite(rm(_clips(1, t=3), ["p"])["Overall"]).all()
+    assert torch.isfinite(rm(_clips(1, t=7), ["p"])["Overall"]).all()
 
 
 def test_missing_files_are_named(released, tmp_path):
@@ -272,9 +252,9 @@ def test_patchify_brute_force():
 def test_frame_sampling_and_resizing_rules():
     assert frame_count(81, 16.0, 2.0, None) == 10  # 81 / 16 * 2 = 10.1 -> 10
     assert frame_count(9, 16.0, 2.0, None) == 4  # at least 4
-    assert frame_count(1, 16.0, 2.0, None) == 4  # an image becomes 4 equal frames
     assert frame_count(200, 8.0, 2.0, None) == 50
-    assert frame_count(9, 16.0, 2.0, 7) == 8 and frame_count(9, 16.0, 2.0, 12) == 12
+    assert frame_count(9, 16.0, 2.0, 7) == 8 and frame_count(12, 16.0, 2.0, 12) == 12
+    # More edge cases (short clips, num_frames beyond the clip): test_videoalign_edge_cases.py.
     # Wan 480x832 frames under the released 200704-pixel cap: beta = sqrt(399360 / 200704).
     assert smart_resize(480, 832, 28, 128 * 28 * 28, 200704) == (336, 588)
     assert smart_resize(64, 64, 28, 3136, 200704) == (56, 56)
