@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from .errors import CoreError
 from .tree import Tree
 
 STD_EPS = 1e-8  # added to the std in the z-score (ALGORITHMS.md)
@@ -25,7 +26,7 @@ def _as_array(x: Any, name: str, n: int) -> np.ndarray:
         x = x.detach().cpu().numpy()
     a = np.asarray(x, dtype=np.float64).reshape(-1) if np.ndim(x) else None
     if a is None or a.shape != (n,):
-        raise ValueError(f"{name}: expected one value per node, shape [{n}], got shape {np.shape(x)}")
+        raise CoreError(f"{name}: expected one value per node, shape [{n}], got shape {np.shape(x)}")
     return a.copy()
 
 
@@ -40,15 +41,15 @@ def leaf_vector(tree: Tree, leaf_ids, scores) -> np.ndarray:
         scores = scores.detach().cpu().numpy()
     s = np.asarray(scores, dtype=np.float64).reshape(-1)
     if s.shape != ids.shape:
-        raise ValueError(f"leaf_vector: {ids.shape[0]} leaf ids but {s.shape[0]} scores")
+        raise CoreError(f"leaf_vector: {ids.shape[0]} leaf ids but {s.shape[0]} scores")
     n = tree.num_nodes
     if ids.size and (ids.min() < 0 or ids.max() >= n):
-        raise ValueError(f"leaf_vector: leaf ids must lie in [0, {n - 1}], got {ids.min()}..{ids.max()}")
+        raise CoreError(f"leaf_vector: leaf ids must lie in [0, {n - 1}], got {ids.min()}..{ids.max()}")
     if np.unique(ids).size != ids.size:
-        raise ValueError("leaf_vector: a leaf id appears more than once")
+        raise CoreError("leaf_vector: a leaf id appears more than once")
     not_leaf = ids[~tree.is_leaf[ids]]
     if not_leaf.size:
-        raise ValueError(f"leaf_vector: nodes {not_leaf[:8].tolist()} are not leaves")
+        raise CoreError(f"leaf_vector: nodes {not_leaf[:8].tolist()} are not leaves")
     out = np.full(n, np.nan)
     out[ids] = s
     return out
@@ -67,18 +68,18 @@ def fuse_values(tree: Tree, leaf_reward, mode: str = "mean", beta: float = 1.0) 
     sum of weighted rewards) and merges its children's triples, one depth at a time from the deepest: O(N).
     """
     if mode not in ("mean", "path"):
-        raise ValueError(f"fuse_values: mode must be 'mean' or 'path', got {mode!r}")
+        raise CoreError(f"fuse_values: mode must be 'mean' or 'path', got {mode!r}")
     n = tree.num_nodes
     r = _as_array(leaf_reward, "leaf_reward", n)
     leaf = tree.is_leaf
     stray = np.nonzero(~leaf & np.isfinite(r))[0]
     if stray.size:
-        raise ValueError(f"leaf_reward: internal nodes {stray[:8].tolist()} carry a reward; expected NaN there")
+        raise CoreError(f"leaf_reward: internal nodes {stray[:8].tolist()} carry a reward; expected NaN there")
     if np.any(np.isinf(r)):
-        raise ValueError("leaf_reward: infinite reward; expected finite values or NaN for a failed reward")
+        raise CoreError("leaf_reward: infinite reward; expected finite values or NaN for a failed reward")
     b = 0.0 if mode == "mean" else float(beta)
     if not np.isfinite(b):
-        raise ValueError(f"fuse_values: beta must be finite, got {beta}")
+        raise CoreError(f"fuse_values: beta must be finite, got {beta}")
 
     edge = np.nan_to_num(tree.logp.astype(np.float64), nan=0.0)
     cum = edge.copy()  # C(n): creation order is topological, so parents are final before their children
@@ -117,7 +118,7 @@ def depthwise_advantages(tree: Tree, values, clip: float = 5.0) -> np.ndarray:
     n = tree.num_nodes
     v = _as_array(values, "values", n)
     if not clip >= 0:
-        raise ValueError(f"depthwise_advantages: clip must be >= 0, got {clip}")
+        raise CoreError(f"depthwise_advantages: clip must be >= 0, got {clip}")
     ok = np.isfinite(v)
     group = tree.tree.astype(np.int64) * (int(tree.depth.max(initial=0)) + 1) + tree.depth
     _, g = np.unique(group, return_inverse=True)
@@ -162,18 +163,18 @@ def assign_credit(
     """
     names = list(leaf_rewards)
     if not names:
-        raise ValueError("assign_credit: no rewards given")
+        raise CoreError("assign_credit: no rewards given")
     missing = [k for k in names if k not in weights]
     extra = [k for k in weights if k not in leaf_rewards]
     if missing or extra:
-        raise ValueError(f"assign_credit: reward names {names} and weight names {list(weights)} differ "
+        raise CoreError(f"assign_credit: reward names {names} and weight names {list(weights)} differ "
                          f"(missing weights: {missing}, weights without a reward: {extra})")
     fusion = _cfg_get(cfg_credit, "fusion", "mean")
     beta = float(_cfg_get(cfg_credit, "beta", 1.0))
     clip = float(_cfg_get(cfg_credit, "adv_clip", 5.0))
     aggregate = _cfg_get(cfg_credit, "aggregate", "sum_then_norm")
     if aggregate not in ("sum_then_norm", "norm_then_sum"):
-        raise ValueError(f"credit.aggregate: expected 'sum_then_norm' or 'norm_then_sum', got {aggregate!r}")
+        raise CoreError(f"credit.aggregate: expected 'sum_then_norm' or 'norm_then_sum', got {aggregate!r}")
 
     n = tree.num_nodes
     used = [k for k in names if float(weights[k]) != 0.0]

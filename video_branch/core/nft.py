@@ -17,13 +17,14 @@ from typing import Iterable, Tuple
 
 import torch
 
+from .errors import CoreError
 from .surrogate import WEIGHT_FLOOR, x0_from_velocity
 
 
 def optimality_probability(adv: torch.Tensor, adv_max: float) -> torch.Tensor:
     """``r = clamp(1/2 + A / (2 A_max), 0, 1)``, elementwise."""
     if not adv_max > 0:
-        raise ValueError(f"optimality_probability: expected adv_max > 0 (credit.adv_clip), got {adv_max!r}")
+        raise CoreError(f"optimality_probability: expected adv_max > 0 (credit.adv_clip), got {adv_max!r}")
     return (0.5 + adv.float() / (2.0 * adv_max)).clamp(0.0, 1.0)
 
 
@@ -56,8 +57,8 @@ def nft_loss(x_t: torch.Tensor, t: torch.Tensor, x0: torch.Tensor, v_theta: torc
 def ema_update_(ema: Iterable[torch.Tensor], current: Iterable[torch.Tensor], decay: float) -> None:
     """In place: ``ema <- decay * ema + (1 - decay) * current`` for each pair of tensors (same shapes)."""
     if not 0.0 <= decay <= 1.0:
-        raise ValueError(f"ema_update_: expected a decay in [0, 1] (objective.ema_decay), got {decay!r}")
+        raise CoreError(f"ema_update_: expected a decay in [0, 1] (objective.ema_decay), got {decay!r}")
     for e, c in zip(ema, current, strict=True):
         if e.shape != c.shape:
-            raise ValueError(f"ema_update_: shapes differ, {tuple(e.shape)} and {tuple(c.shape)}")
+            raise CoreError(f"ema_update_: shapes differ, {tuple(e.shape)} and {tuple(c.shape)}")
         e.mul_(decay).add_(c.detach().to(e), alpha=1.0 - decay)

@@ -15,6 +15,7 @@ from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
 
+from .errors import CoreError
 from .nft import nft_loss, optimality_probability
 from .surrogate import pair_errors, surrogate_loss, vgrpo_loss, x0_kl
 
@@ -33,11 +34,11 @@ class ObjectiveInfo:
 def register_objective(name: str, unit: str = "edges", copies: Tuple[str, ...] = (), reference: bool = True):
     """Register a function (or a class, registered as its instance) under ``name``."""
     if unit not in UNITS:
-        raise ValueError(f"objective '{name}': unit must be one of {UNITS}, got {unit!r}")
+        raise CoreError(f"objective '{name}': unit must be one of {UNITS}, got {unit!r}")
 
     def deco(fn):
         if name in _OBJECTIVES:
-            raise ValueError(f"objective '{name}' is registered twice")
+            raise CoreError(f"objective '{name}' is registered twice")
         _OBJECTIVES[name] = fn() if isinstance(fn, type) else fn
         _INFO[name] = ObjectiveInfo(unit, tuple(copies), bool(reference))
         return fn
@@ -101,7 +102,7 @@ def clipped_ratio(
     log_ratio = logp_new.float() - logp_old.float()
     if ratio_norm:
         if mean_new is None or mean_old is None or std is None:
-            raise ValueError("objective.ratio_norm needs the new and old transition means and the std")
+            raise CoreError("objective.ratio_norm needs the new and old transition means and the std")
         log_ratio = guard_log_ratio(log_ratio, mean_new, mean_old, std)
     ratio = torch.exp(log_ratio)
     adv = advantages.to(ratio)
@@ -111,7 +112,7 @@ def clipped_ratio(
     kl = torch.zeros((), dtype=torch.float32, device=loss.device)
     if kl_coef > 0:
         if mean_new is None or mean_ref is None or std is None:
-            raise ValueError("objective.kl_coef > 0 needs the reference transition means and the std")
+            raise CoreError("objective.kl_coef > 0 needs the reference transition means and the std")
         sd = std.reshape(std.shape[0], -1)[:, 0].float()
         kl = ((mean_new.float() - mean_ref.float()).pow(2).flatten(1).mean(1) / (2 * sd.pow(2))).mean()
         loss = loss + kl_coef * kl
@@ -196,7 +197,7 @@ class NFTObjective(SampleObjective):
 
     def old(self, v_old, batch, cfg):
         if cfg.objective.kl_coef > 0:
-            raise ValueError(f"config key 'objective.kl_coef': the nft objective has no KL term (its old policy is "
+            raise CoreError(f"config key 'objective.kl_coef': the nft objective has no KL term (its old policy is "
                              f"the EMA); expected 0, got {cfg.objective.kl_coef}")
         return {"v": v_old}
 

@@ -28,7 +28,7 @@ def register_prune_rule(name: str):
 
     def deco(fn: PruneRule) -> PruneRule:
         if name in _RULES:
-            raise ValueError(f"prune rule '{name}' is registered twice")
+            raise CoreError(f"prune rule '{name}' is registered twice")
         _RULES[name] = fn
         return fn
 
@@ -51,7 +51,7 @@ def prune_rule_names() -> list:
 def _check(scores, keep: int) -> np.ndarray:
     r = np.asarray(scores, dtype=np.float64).reshape(-1)
     if isinstance(keep, bool) or not isinstance(keep, (int, np.integer)) or not 1 <= keep <= r.size:
-        raise ValueError(f"keep: expected an integer in [1, {r.size}], got {keep!r}")
+        raise CoreError(f"keep: expected an integer in [1, {r.size}], got {keep!r}")
     return r
 
 
@@ -109,7 +109,7 @@ def preview_pruner(rule: str, spec: TreeSpec, score_fn: Callable[[np.ndarray, ob
         keep = spec.survivor_count(step)
         scores = np.asarray(score_fn(node_trees, x0_hat), dtype=np.float64).reshape(-1)
         if scores.shape != node_ids.shape:
-            raise ValueError(f"preview scores: expected {node_ids.size} values, got {scores.size}")
+            raise CoreError(f"preview scores: expected {node_ids.size} values, got {scores.size}")
         kept = []
         for t in np.unique(node_trees):
             pos = np.nonzero(node_trees == t)[0]

@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from .errors import CoreError
 from .tree import Tree
 
 
@@ -38,7 +39,7 @@ def _node_array(x: Any, name: str, n: int) -> np.ndarray:
         x = x.detach().cpu().numpy()
     a = np.asarray(x, dtype=np.float64).reshape(-1)
     if a.shape != (n,):
-        raise ValueError(f"{name}: expected one value per node, shape [{n}], got shape {np.shape(x)}")
+        raise CoreError(f"{name}: expected one value per node, shape [{n}], got shape {np.shape(x)}")
     return a
 
 
@@ -98,9 +99,9 @@ def depth_window(cfg: Any, max_depth: int, first_depth: int, iteration: int) -> 
     if size <= 0:
         return 0, -1
     if max_depth < 1:
-        raise ValueError(f"depth_window: the tree has no depth to prune (max_depth={max_depth})")
+        raise CoreError(f"depth_window: the tree has no depth to prune (max_depth={max_depth})")
     if iteration < 0:
-        raise ValueError(f"depth_window: iteration must be >= 0, got {iteration}")
+        raise CoreError(f"depth_window: iteration must be >= 0, got {iteration}")
     start = int(p.depth_start) if p.depth_start is not None else int(first_depth)
     start = min(max(start, 1), max_depth)
     moves = int(iteration) // int(p.depth_slide_interval)
@@ -111,7 +112,7 @@ def depth_window(cfg: Any, max_depth: int, first_depth: int, iteration: int) -> 
         stop = 1 if p.depth_stop is None else min(max(int(p.depth_stop), 1), max_depth)
         lo = start - min(moves, max(0, start - stop))
     else:
-        raise ValueError(f"prune.depth_direction: expected 'later' or 'earlier', got {p.depth_direction!r}")
+        raise CoreError(f"prune.depth_direction: expected 'later' or 'earlier', got {p.depth_direction!r}")
     return lo, min(lo + size - 1, max_depth)
 
 
@@ -142,7 +143,7 @@ def _width_rule(tree: Tree, values: np.ndarray, p: Any) -> np.ndarray:
         kept_children: list[int] = []
         for t in range(tree.num_trees):
             if split_depth[t] == 0:
-                raise ValueError(f"prune.width=parent_top1 needs a split step, but tree {t} never splits "
+                raise CoreError(f"prune.width=parent_top1 needs a split step, but tree {t} never splits "
                                  "(use extreme_b or best_of_n for a sequential group)")
             kids = np.nonzero((tree.tree == t) & tree.split & (tree.depth == split_depth[t]))[0]
             for par in np.unique(tree.parent[kids]):
@@ -161,7 +162,7 @@ def _width_rule(tree: Tree, values: np.ndarray, p: Any) -> np.ndarray:
                 kept_leaves.append(np.concatenate([order[:b], order[order.size - b:]]))
         chains = _mark_chains(tree, np.concatenate(kept_leaves) if kept_leaves else np.zeros(0, np.int64))
         return ~post | chains
-    raise ValueError(f"prune.width: expected 'none', 'parent_top1' or 'extreme_b', got {p.width!r}")
+    raise CoreError(f"prune.width: expected 'none', 'parent_top1' or 'extreme_b', got {p.width!r}")
 
 
 def _best_of_n_rule(tree: Tree, advantages: np.ndarray, p: Any) -> np.ndarray:
@@ -169,18 +170,18 @@ def _best_of_n_rule(tree: Tree, advantages: np.ndarray, p: Any) -> np.ndarray:
     if n <= 0:
         return np.ones(tree.num_nodes, bool)
     if n % 2:
-        raise ValueError(f"prune.best_of_n: expected an even number (n/2 best and n/2 worst chains), got {n}")
+        raise CoreError(f"prune.best_of_n: expected an even number (n/2 best and n/2 worst chains), got {n}")
     root = tree.root_of()
     leaves = np.nonzero(tree.is_leaf)[0]
     if np.unique(root[leaves]).size != leaves.size:
-        raise ValueError("prune.best_of_n needs a sequential group (every root a single chain); "
+        raise CoreError("prune.best_of_n needs a sequential group (every root a single chain); "
                          "this tree branches below a root")
     key = _rank_key(advantages)
     kept: list[np.ndarray] = []
     for t in range(tree.num_trees):
         lv = tree.leaves(t)
         if n > lv.size:
-            raise ValueError(f"prune.best_of_n={n} exceeds the {lv.size} chains of tree {t}")
+            raise CoreError(f"prune.best_of_n={n} exceeds the {lv.size} chains of tree {t}")
         order = lv[np.argsort(-key[lv], kind="stable")]
         kept.append(np.concatenate([order[: n // 2], order[order.size - n // 2:]]))
     return _mark_chains(tree, np.concatenate(kept) if kept else np.zeros(0, np.int64))
@@ -251,10 +252,10 @@ def select_trained_edges(
     v = _node_array(values, "values", n)
     a = _node_array(advantages, "advantages", n)
     if tree.num_nodes and int(tree.step.max()) >= int(cfg.tree.num_steps):
-        raise ValueError(f"select_trained_edges: the tree has step {int(tree.step.max())} but "
+        raise CoreError(f"select_trained_edges: the tree has step {int(tree.step.max())} but "
                          f"tree.num_steps={cfg.tree.num_steps}")
     if not 0.0 <= float(p.timestep_fraction) <= 1.0:
-        raise ValueError(f"prune.timestep_fraction: expected a value in [0, 1], got {p.timestep_fraction}")
+        raise CoreError(f"prune.timestep_fraction: expected a value in [0, 1], got {p.timestep_fraction}")
     sel = _step_rules(tree, cfg, iteration)
     sel &= _width_rule(tree, v, p)
     sel &= _best_of_n_rule(tree, a, p)

@@ -10,6 +10,8 @@ import math
 
 import torch
 
+from .errors import CoreError
+
 __all__ = ["flow_sigmas", "model_timesteps"]
 
 
@@ -27,13 +29,13 @@ def flow_sigmas(num_steps: int, shift: float = 3.0) -> torch.Tensor:
         float32 tensor of shape ``[N + 1]``, strictly decreasing, with ``s_0 == 1`` and ``s_N == 0`` exactly.
     """
     if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
-        raise ValueError(f"num_steps must be an integer >= 1, got {num_steps!r}")
+        raise CoreError(f"num_steps must be an integer >= 1, got {num_steps!r}")
     try:
         k = float(shift)
     except (TypeError, ValueError):
-        raise ValueError(f"shift must be a finite number > 0, got {shift!r}") from None
+        raise CoreError(f"shift must be a finite number > 0, got {shift!r}") from None
     if not math.isfinite(k) or k <= 0:
-        raise ValueError(f"shift must be a finite number > 0, got {shift!r}")
+        raise CoreError(f"shift must be a finite number > 0, got {shift!r}")
 
     # Formed in float64 so each float32 sigma is the correctly rounded value of the formula.
     u = 1.0 - torch.arange(num_steps + 1, dtype=torch.float64) / num_steps

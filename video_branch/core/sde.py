@@ -18,6 +18,8 @@ from typing import NamedTuple
 
 import torch
 
+from .errors import CoreError
+
 __all__ = [
     "SDE_FORMS",
     "StepResult",
@@ -57,12 +59,12 @@ def _coef(value: Scalar, x: torch.Tensor, name: str) -> torch.Tensor:
             return t
         if t.ndim == 1:
             if x.ndim < 1 or t.shape[0] != x.shape[0]:
-                raise ValueError(
+                raise CoreError(
                     f"{name} has {t.shape[0]} per-sample values but the latents have batch size "
                     f"{x.shape[0] if x.ndim else 'none'} (shape {tuple(x.shape)}); expected a scalar or shape [B]"
                 )
             return t.view(-1, *([1] * (x.ndim - 1)))
-        raise ValueError(f"{name} must be a scalar or a tensor of shape [B], got shape {tuple(t.shape)}")
+        raise CoreError(f"{name} must be a scalar or a tensor of shape [B], got shape {tuple(t.shape)}")
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a float or a tensor, got {type(value).__name__} {value!r}")
     return torch.tensor(float(value), dtype=x.dtype, device=x.device)
@@ -70,21 +72,21 @@ def _coef(value: Scalar, x: torch.Tensor, name: str) -> torch.Tensor:
 
 def _check_same_shape(a: torch.Tensor, b: torch.Tensor, name_a: str, name_b: str) -> None:
     if a.shape != b.shape:
-        raise ValueError(f"{name_b} must have the shape of {name_a} {tuple(a.shape)}, got {tuple(b.shape)}")
+        raise CoreError(f"{name_b} must have the shape of {name_a} {tuple(a.shape)}, got {tuple(b.shape)}")
 
 
 def _check_step(s: torch.Tensor, s_next: torch.Tensor) -> None:
     """An SDE step needs 0 <= s_next < s <= 1 (s > 0 because the score divides by s)."""
     ok = (s_next >= 0) & (s_next < s) & (s <= 1)
     if not bool(ok.all()):
-        raise ValueError(
+        raise CoreError(
             f"an SDE step needs 0 <= s_next < s <= 1, got s={s.flatten().tolist()} s_next={s_next.flatten().tolist()}"
         )
 
 
 def _check_eta(eta: torch.Tensor) -> None:
     if not bool(((eta >= 0) & torch.isfinite(eta)).all()):
-        raise ValueError(f"eta (the SDE noise level) must be finite and >= 0, got {eta.flatten().tolist()}")
+        raise CoreError(f"eta (the SDE noise level) must be finite and >= 0, got {eta.flatten().tolist()}")
 
 
 def _batch_reduce(values: torch.Tensor, reduce: str) -> torch.Tensor:
@@ -164,11 +166,11 @@ def register_sde_form(name: str) -> Callable[[SDEForm], SDEForm]:
     ``mean`` has ``x``'s shape; ``std`` broadcasts to it (0-d or ``[B, 1, ..., 1]``).
     """
     if not isinstance(name, str) or not name:
-        raise ValueError(f"an SDE form name must be a non-empty string, got {name!r}")
+        raise CoreError(f"an SDE form name must be a non-empty string, got {name!r}")
 
     def add(fn: SDEForm) -> SDEForm:
         if name in SDE_FORMS and SDE_FORMS[name] is not fn:
-            raise ValueError(f"SDE form {name!r} is already registered")
+            raise CoreError(f"SDE form {name!r} is already registered")
         SDE_FORMS[name] = fn
         return fn
 
@@ -180,7 +182,7 @@ def get_sde_form(name: str) -> SDEForm:
     try:
         return SDE_FORMS[name]
     except (KeyError, TypeError):
-        raise ValueError(f"unknown SDE form {name!r}; known forms: {', '.join(sorted(SDE_FORMS))}") from None
+        raise CoreError(f"unknown SDE form {name!r}; known forms: {', '.join(sorted(SDE_FORMS))}") from None
 
 
 def _resolve_form(form: str | SDEForm) -> SDEForm:
@@ -243,10 +245,10 @@ def flow_form(
     s_denom = sc
     if bool(at_top.any()):
         if s_cap is None:
-            raise ValueError("the flow SDE form at s = 1 needs s_cap (the schedule's s_1, in (0, 1)); got None")
+            raise CoreError("the flow SDE form at s = 1 needs s_cap (the schedule's s_1, in (0, 1)); got None")
         cap = _coef(s_cap, x, "s_cap")
         if not bool(((cap > 0) & (cap < 1)).all()):
-            raise ValueError(f"s_cap must lie in (0, 1), got {cap.flatten().tolist()}")
+            raise CoreError(f"s_cap must lie in (0, 1), got {cap.flatten().tolist()}")
         s_denom = torch.where(at_top, cap, sc)
     sig = ec * torch.sqrt(sc / (1 - s_denom))
     ds = snc - sc
@@ -277,9 +279,9 @@ def gaussian_log_prob(
         float32 (float64 for float64 inputs) tensor ``[B]``.
     """
     if reduce not in ("mean", "sum"):
-        raise ValueError(f"reduce must be 'mean' or 'sum', got {reduce!r}")
+        raise CoreError(f"reduce must be 'mean' or 'sum', got {reduce!r}")
     if x_next.ndim < 1:
-        raise ValueError("x_next must have a batch dimension, got a 0-d tensor")
+        raise CoreError("x_next must have a batch dimension, got a 0-d tensor")
     ct = torch.promote_types(torch.promote_types(x_next.dtype, mean.dtype), torch.float32)
     if isinstance(std, torch.Tensor):
         sd = std.to(device=x_next.device, dtype=ct)
@@ -291,11 +293,11 @@ def gaussian_log_prob(
     except RuntimeError:
         full = None
     if full != xn.shape:
-        raise ValueError(
+        raise CoreError(
             f"mean {tuple(mu.shape)} and std {tuple(sd.shape)} must broadcast to x_next {tuple(xn.shape)}"
         )
     if bool((sd < 0).any()):
-        raise ValueError(f"std must be >= 0, got min {sd.min().item()}")
+        raise CoreError(f"std must be >= 0, got min {sd.min().item()}")
     lp = -((xn - mu) ** 2) / (2 * sd * sd) - torch.log(sd) - _HALF_LOG_2PI
     lp = torch.where(sd > 0, lp, torch.full_like(lp, float("nan")))
     return _batch_reduce(lp, reduce)
@@ -370,7 +372,7 @@ def sde_step(
         :func:`transition_log_prob` on the same inputs returns the identical value.
     """
     if reduce not in ("mean", "sum"):
-        raise ValueError(f"reduce must be 'mean' or 'sum', got {reduce!r}")
+        raise CoreError(f"reduce must be 'mean' or 'sum', got {reduce!r}")
     mean, std = sde_mean_std(form, x, v, s, s_next, eta, s_cap)
     if noise is None:
         noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=torch.float32)
@@ -442,13 +444,13 @@ def split_noise(
         ``[k, *shape]`` tensor.
     """
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise ValueError(f"k (the branching factor) must be an integer >= 1, got {k!r}")
+        raise CoreError(f"k (the branching factor) must be an integer >= 1, got {k!r}")
     try:
         c = float(correlation)
     except (TypeError, ValueError):
-        raise ValueError(f"correlation must be a number >= 0, got {correlation!r}") from None
+        raise CoreError(f"correlation must be a number >= 0, got {correlation!r}") from None
     if math.isnan(c) or c < 0:
-        raise ValueError(f"correlation must be a number >= 0, got {correlation!r}")
+        raise CoreError(f"correlation must be a number >= 0, got {correlation!r}")
     shape = tuple(int(n) for n in shape)
     if device is None:
         device = generator.device if generator is not None else torch.device("cpu")

@@ -18,6 +18,8 @@ from typing import Optional, Tuple
 import numpy as np
 import torch
 
+from .errors import CoreError
+
 SOFT_CLIP = 3.0  # advantages are soft-clipped to (-3, 3) by 3 tanh(A / 3)
 WEIGHT_FLOOR = 1e-5  # the adaptive weight's mean-absolute error is floored so a perfect prediction stays finite
 _PAIR_TAG = 0xE1B0
@@ -34,7 +36,7 @@ def pair_generator(seed: int, iteration: int, dp_rank: int, tree: int) -> torch.
 def stratified_times(m: int, generator: torch.Generator) -> torch.Tensor:
     """``[M]`` float32 times, the j-th uniform in ``[j / M, (j + 1) / M)``."""
     if isinstance(m, bool) or not isinstance(m, int) or m < 1:
-        raise ValueError(f"stratified_times: expected a number of pairs >= 1, got {m!r}")
+        raise CoreError(f"stratified_times: expected a number of pairs >= 1, got {m!r}")
     u = torch.rand(m, generator=generator, dtype=torch.float64)
     return ((torch.arange(m, dtype=torch.float64) + u) / m).to(torch.float32)
 
@@ -81,7 +83,7 @@ def pair_errors(v: torch.Tensor, x0: torch.Tensor, eps: torch.Tensor,
 def surrogate_loss(errors: torch.Tensor, pairs: int) -> torch.Tensor:
     """``L [S]``: the mean over each sample's ``pairs`` consecutive items of ``errors [S * pairs]``."""
     if errors.dim() != 1 or errors.shape[0] % pairs:
-        raise ValueError(f"surrogate_loss: expected [S * {pairs}] errors, got shape {tuple(errors.shape)}")
+        raise CoreError(f"surrogate_loss: expected [S * {pairs}] errors, got shape {tuple(errors.shape)}")
     return errors.view(-1, pairs).mean(1)
 
 

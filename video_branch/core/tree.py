@@ -130,15 +130,15 @@ class Tree:
         """Structural invariants; raises ValueError on a malformed tree."""
         n = self.num_nodes
         if any(a.shape != (n,) for a in (self.parent, self.depth, self.step, self.sde, self.split, self.logp)):
-            raise ValueError("tree arrays differ in length")
+            raise CoreError("tree arrays differ in length")
         idx = np.arange(n)
         if np.any(self.parent >= idx):
-            raise ValueError("nodes are not in topological order (a parent follows its child)")
+            raise CoreError("nodes are not in topological order (a parent follows its child)")
         child = self.parent >= 0
         if np.any(self.depth[child] != self.depth[self.parent[child]] + 1) or np.any(self.depth[~child] != 0):
-            raise ValueError("depth is not parent depth + 1")
+            raise CoreError("depth is not parent depth + 1")
         if np.any(self.tree[child] != self.tree[self.parent[child]]):
-            raise ValueError("a node and its parent belong to different trees")
+            raise CoreError("a node and its parent belong to different trees")
 
     # ------------------------------------------------------------------------------------------------ dump
     def to_arrays(self) -> Dict[str, np.ndarray]:
@@ -328,7 +328,7 @@ def build_structure(spec: TreeSpec, num_trees: int) -> Tree:
     (a split parent's K children are consecutive), so every depth is tree-major.
     """
     if isinstance(num_trees, bool) or not isinstance(num_trees, (int, np.integer)) or num_trees < 1:
-        raise ValueError(f"num_trees: expected an integer >= 1, got {num_trees!r}")
+        raise CoreError(f"num_trees: expected an integer >= 1, got {num_trees!r}")
     t = Tree.empty(int(num_trees))
     frontier = t.add_nodes(tree=np.repeat(np.arange(num_trees), spec.roots), parent=-1, depth=0, step=-1,
                            sde=False, split=False)
