@@ -51,24 +51,60 @@ def test_mean_ci_and_paired_difference_by_hand():
 
 
 def _brute_with_ties(h, m):
-    best = sum(1 for hi, mi in zip(h, m) if hi * mi > 0)  # no predicted ties
-    for eps in sorted({abs(x) for x in m}):
-        ok = sum(1 for hi, mi in zip(h, m) if (abs(mi) <= eps and hi == 0) or (abs(mi) > eps and hi * mi > 0))
-        best = max(best, ok)
-    return best / len(h)
+    """calc_accuracy.py's accuracy with ties, transcribed: stats at epsilon -1 (no model ties), then for each pair
+    in stable |m| order remove it under the previous epsilon, set epsilon to its |m|, add it back, score."""
+    def classify(hi, mi, eps, strict):
+        tied = abs(mi) < eps if strict else abs(mi) <= eps
+        if hi == 0:
+            return "Thm" if tied else "Th"
+        if tied:
+            return "Tm"
+        return "C" if hi * mi > 0 else "D"
+
+    stat = {"C": 0, "D": 0, "Th": 0, "Tm": 0, "Thm": 0}
+    for hi, mi in zip(h, m):
+        stat[classify(hi, mi, -1, strict=False)] += 1
+    best, eps_best, eps = float("-inf"), 0, -1
+    for hi, mi in sorted(zip(h, m), key=lambda x: abs(x[1])):
+        stat[classify(hi, mi, eps, strict=True)] -= 1
+        eps = abs(mi)
+        stat[classify(hi, mi, eps, strict=False)] += 1
+        acc = (stat["C"] + stat["Thm"]) / sum(stat.values())
+        if acc > best:
+            best, eps_best = acc, eps
+    return best, eps_best
 
 
-def test_accuracy_with_ties_matches_brute_force_with_duplicate_differences():
+def test_accuracy_with_ties_is_the_released_definition_on_random_and_tie_heavy_sets():
     rng = np.random.default_rng(0)
-    for _ in range(30):
-        n = int(rng.integers(1, 40))
+    for trial in range(400):
+        n = int(rng.integers(1, 30))
         h = rng.integers(-1, 2, n)
-        m = rng.integers(-3, 4, n) * 0.25  # many equal |differences|, zeros included
+        if trial % 2:
+            m = rng.integers(-3, 4, n) * 0.25  # tie-heavy: many equal |differences|, zeros included
+        else:
+            m = rng.normal(size=n)
         acc, eps = ev.accuracy_with_ties(h, m)
-        assert acc == pytest.approx(_brute_with_ties(h, m))
-        if math.isfinite(eps):  # the reported threshold really reaches that accuracy
-            ok = np.where(np.abs(m) <= eps, h == 0, h * m > 0).mean()
-            assert ok == pytest.approx(acc)
+        want_acc, want_eps = _brute_with_ties(list(h), list(m))
+        assert acc == pytest.approx(want_acc) and eps == pytest.approx(want_eps), (h, m)
+
+
+def test_accuracy_with_ties_splits_runs_and_always_predicts_a_tie():
+    # The released sweep starts at one predicted tie and scores after each pair, inside a run of equal |diff|.
+    h = [1, 0, 1, 1]
+    m = [0.5, 0.5, 1.0, 2.0]
+    # k = 1 (first 0.5 tied): 0 + 2 = 2; k = 2: 1 + 2 = 3 (best); "no ties" would score 3 too but is never tried.
+    assert ev.accuracy_with_ties(h, m) == (0.75, 0.5)
+    # Equal |diff| keep their order: with the human tie first, tying it alone gets both pairs right.
+    assert ev.accuracy_with_ties([0, 1], [0.5, 0.5]) == (1.0, 0.5)
+    assert ev.accuracy_with_ties([1, 0], [0.5, 0.5]) == (0.5, 0.5)
+    # The example of calc_accuracy.py's __main__.
+    h = [1, -1, 0, 1, -1, 0, 1, -1, 0]
+    a = [0.9, -0.7, 0.1, 0.8, -0.6, 0.2, 0.7, -0.5, 0.3]
+    b = [0.1, -0.8, 0.5, 0.5, -0.3, 0.3, 0.4, -0.4, 0.4]
+    m = [x - y for x, y in zip(a, b)]
+    assert ev.accuracy_with_ties(h, m)[0] == pytest.approx(_brute_with_ties(h, m)[0])
+    assert all(math.isnan(x) for x in ev.accuracy_with_ties([], []))
 
 
 def test_accuracy_without_ties_by_hand():
@@ -119,13 +155,14 @@ def test_rewardbench_accuracy_matches_hand_computed_values(tmp_path, capsys):
     # MQ diffs all 0: both preferences wrong; every pair predicted a tie: the 4 'same' pairs right.
     assert res["MQ"]["accuracy_without_ties"] == 0.0
     assert res["MQ"]["accuracy_with_ties"] == pytest.approx(4 / 6) and res["MQ"]["tie_threshold"] == 0.0
-    # TA: all A, right where VQ diff > 0 (pairs 1, 3, 6); no human ties, so predicting none is best.
+    # TA: all A, right where VQ diff > 0 (pairs 1, 3, 6); no human ties: the released sweep's best is its first
+    # step, one predicted tie at the smallest |diff| (0, pair 5, which was wrong anyway).
     assert res["TA"]["accuracy_without_ties"] == 0.5
-    assert res["TA"]["accuracy_with_ties"] == 0.5 and res["TA"]["tie_threshold"] is None  # -inf: "none"
+    assert res["TA"]["accuracy_with_ties"] == 0.5 and res["TA"]["tie_threshold"] == 0.0
     assert res["Overall"]["accuracy_without_ties"] == 0.5
     assert res["Overall"]["n_pairs"] == 6 and res["VQ"]["n_pairs_without_ties"] == 4
     table = (out / "rewardbench.md").read_text()
-    assert "| VQ | 50.0% | 50.0% | 0.1000 | 6 (4) |" in table and "| TA | 50.0% | 50.0% | none |" in table
+    assert "| VQ | 50.0% | 50.0% | 0.1000 | 6 (4) |" in table and "| TA | 50.0% | 50.0% | 0.0000 |" in table
 
 
 def test_rewardbench_reports_bad_csvs(tmp_path, capsys):
@@ -156,7 +193,10 @@ def test_rewardbench_scores_videos_with_videoalign_and_skips_corrupt_ones(releas
     summary = json.loads((out / "rewardbench.json").read_text())
     assert summary["skipped_pairs"] == 1 and list(summary["failed_videos"]) == ["broken.mp4"]
     # c.mp4 is judged against two prompts: scored once for each; broken.mp4 is reported once.
-    cached = {(r["path"], r["prompt"]): r for r in ev.read_jsonl(out / "scores.jsonl")}
+    rows = ev.read_jsonl(out / "scores.jsonl")
+    assert [r["path"] for r in rows if "error" in r] == ["broken.mp4"] and "VQ" not in rows[-1]
+    cached = {(r["path"], r["prompt"]): r for r in rows if "error" not in r}
+    assert all(r["fps"] == pytest.approx(8.0) for r in cached.values())  # the files' own frame rate
     assert sorted(cached) == [("a.mp4", "a red circle"), ("b.mp4", "a red circle"), ("c.mp4", "a blue box"),
                               ("c.mp4", "a red circle")]
     rm = reward_models.build("videoalign", path=released["lora"], base_model=released["base"], min_pixels=3136,
@@ -172,7 +212,7 @@ def test_rewardbench_scores_videos_with_videoalign_and_skips_corrupt_ones(releas
         d = [cached["a.mp4"][k] - cached["b.mp4"][k], cached["b.mp4"][k] - cached["c.mp4"][k]]
         want = [x * h > 0 for h, x in zip(labels, d) if h != 0]
         assert summary["dimensions"][k]["accuracy_without_ties"] == pytest.approx(sum(want) / len(want))
-        assert summary["dimensions"][k]["accuracy_with_ties"] == pytest.approx(_brute_with_ties(labels, d))
+        assert summary["dimensions"][k]["accuracy_with_ties"] == pytest.approx(_brute_with_ties(labels, d)[0])
     # A rerun scores nothing again (the cache holds every readable video).
     before = (out / "scores.jsonl").read_text()
     assert ev.main(args) == 0

@@ -4,24 +4,32 @@
 Generator evaluation (``generate``): sample one clip per (prompt, seed) with fixed seeds, write it as mp4, score the
 decoded mp4 with VideoAlign (VQ, MQ, TA, Overall) and the temporal-consistency reward, and write::
 
-    OUT/videos/<id>.mp4     the clips (id = p<prompt index>_c<clip index>)
+    OUT/videos/<id>.mp4     the clips; id = p<prompt index, 5 digits>_c<clip index>: p00000_c0, p00000_c1, p00001_c0
     OUT/results.jsonl       one row per scored clip: id, prompt, seed, video, and every score
     OUT/summary.json        mean, 95% confidence interval (normal, 1.96 s / sqrt(n)) and n per metric
     OUT/summary.md          the same as a markdown table
-    OUT/settings.json       the settings the folder was made with (a rerun with other settings is refused)
+    OUT/settings.json       the settings the folder was made with (a rerun with other settings is refused); written
+                            once the reward models load, so a mistyped --videoalign leaves nothing behind
 
 Given ``--baseline`` (another evaluation's folder or results.jsonl with the same prompts and seeds), clips are paired
 by (prompt, seed) and the summary adds the mean paired difference with its confidence interval and the win / tie /
 loss rates. Reruns skip clips already in results.jsonl; a clip whose mp4 exists but is unscored is scored from the
 file. A missing or corrupt mp4 is reported and regenerated (with ``--model``) or skipped (without it: scoring videos
-made elsewhere, named OUT/videos/<id>.mp4).
+made elsewhere, named OUT/videos/<id>.mp4); a clip the rewards cannot score is reported and left out (a rerun tries
+it again). VideoAlign samples each file at the frame rate its container states.
 
-Reward-model evaluation (``rewardbench``): a VideoGen-RewardBench CSV (path_A, path_B, prompt, fps_A, fps_B,
-num_frames_A, num_frames_B, VQ, MQ, TA, Overall with labels A / B / same). Each video is scored once (cached in
-OUT/scores.jsonl, keyed by the CSV's path and prompt; prefill it to evaluate scores from elsewhere), then per dimension:
-accuracy without ties (pairs labelled same are left out; a zero score difference counts as wrong) and accuracy with
-ties (Deutsch et al. 2023, "Ties Matter": a difference within a threshold predicts a tie; the threshold is swept over
-"no ties" and every |difference|, and the best accuracy is reported with its threshold).
+Reward-model evaluation (``rewardbench``): a VideoGen-RewardBench CSV (path_A, path_B, prompt, VQ, MQ, TA, Overall
+with labels A / B / same; its fps and num_frames columns are not used: as in the released evaluation, a video is
+sampled at its container's frame rate). Each video is scored once per prompt (cached in OUT/scores.jsonl, keyed by
+the CSV's path and prompt; prefill it to evaluate scores from elsewhere); a video that cannot be read or scored is
+recorded there with its error, its pairs are skipped, and a rerun without --videoalign reports it again (with
+--videoalign it is tried again). Per dimension: accuracy without ties (pairs labelled same are left out; a zero score
+difference counts as wrong) and accuracy with ties as the released calc_accuracy.py defines it (Deutsch et al. 2023,
+"Ties Matter"): pairs sorted by |difference| (stable), the first k of them predicted ties and the others the side
+of their sign, best k from 1 to N, reported with the |difference| of the k-th pair as the tie threshold.
+
+Results files are JSON lines; a torn last line (an interrupted write) is dropped with a warning before the next
+append, and any other line that is not a JSON object stops the run with an error naming the file and the line.
 """
 
 from __future__ import annotations
@@ -86,11 +94,13 @@ def accuracy_without_ties(human: Sequence[int], diff: Sequence[float]) -> float:
 
 
 def accuracy_with_ties(human: Sequence[int], diff: Sequence[float]) -> tuple[float, float]:
-    """Tie-calibrated pairwise accuracy (Ties Matter): max over thresholds eps of the share of pairs predicted right,
-    where |diff| <= eps predicts a tie and otherwise sign(diff) predicts the preferred side.
+    """Tie-calibrated pairwise accuracy as the released calc_accuracy.py computes it.
 
-    Thresholds swept: "no predicted ties" (eps = -inf) and every |diff|. Returns (accuracy, best eps); the smallest
-    best eps when several tie. O(N log N).
+    Pairs are sorted by |diff| (stable: equal |diff| keep their input order); for k = 1..N the first k pairs are
+    predicted ties and the others the side their sign gives; a pair is right when a predicted tie meets a human
+    tie (label 0) or a predicted side meets the human preference. Returns (best accuracy, the |diff| of the k-th
+    pair for the first best k). The sweep starts at one predicted tie, and a run of equal |diff| may be split, as
+    in the released code. (NaN, NaN) for no pairs. O(N log N).
     """
     h, m = np.asarray(human), np.asarray(diff, np.float64)
     if h.size == 0:
@@ -98,18 +108,12 @@ def accuracy_with_ties(human: Sequence[int], diff: Sequence[float]) -> tuple[flo
     a = np.abs(m)
     order = np.argsort(a, kind="stable")
     a, h, m = a[order], h[order], m[order]
-    tie_ok = np.cumsum(h == 0)  # human ties inside the threshold (predicted tie: right)
+    ties_in = np.cumsum(h == 0)  # human ties among the first k (predicted ties): right
     agree = (h != 0) & (h * m > 0)
-    agree_above = agree.sum() - np.cumsum(agree)  # preferences outside the threshold with the right sign
-    # A threshold at a[i] must include every pair with the same |diff|: evaluate at the last of each run.
-    last = np.r_[a[1:] != a[:-1], True]
-    correct = (tie_ok + agree_above)[last]
-    thresholds = a[last]
-    best = int(np.argmax(correct))
-    no_ties = int(agree.sum())
-    if no_ties >= correct[best]:
-        return no_ties / h.size, float("-inf")
-    return float(correct[best] / h.size), float(thresholds[best])
+    agree_out = agree.sum() - np.cumsum(agree)  # preferences after the first k with the right sign
+    correct = ties_in + agree_out
+    k = int(np.argmax(correct))  # the first maximum, as the released code keeps the first strict improvement
+    return float(correct[k] / h.size), float(a[k])
 
 
 # ------------------------------------------------------------------------------------------------------ prompts
@@ -149,22 +153,55 @@ def read_csv(path: Path, option: str) -> list[dict[str, str]]:
 
 # ------------------------------------------------------------------------------------------------------ records
 def read_jsonl(path: Path) -> list[dict]:
-    """Rows of a JSON-lines file; a torn last line (an interrupted write) is dropped."""
+    """Rows of a JSON-lines file ([] when it does not exist). A last line without its newline that is not valid
+    JSON (an interrupted write) is left out; any other line that is not a JSON object raises UserError naming the
+    file and the line."""
     if not path.is_file():
         return []
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as err:
+        raise UserError(f"{path}: cannot be read: {err}") from err
+    lines = text.split("\n")
     rows = []
-    for line in path.read_text().splitlines():
-        line = line.strip()
-        if not line:
+    for i, line in enumerate(lines, start=1):
+        if not line.strip():
             continue
         try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            if i == len(lines):  # no newline after it: torn by an interrupted write
+                continue
+            raise UserError(f"{path} line {i}: not valid JSON ({err.msg}); fix or remove that line") from None
+        if not isinstance(row, dict):
+            raise UserError(f"{path} line {i}: expected a JSON object, got {type(row).__name__}")
+        rows.append(row)
     return rows
 
 
+def repair_jsonl(path: Path) -> None:
+    """Make ``path`` end with a newline before rows are appended: a torn last line (an interrupted write) is
+    dropped with a warning; a complete last row that only lacks its newline gets it."""
+    if not path.is_file() or path.stat().st_size == 0:
+        return
+    data = path.read_bytes()
+    if data.endswith(b"\n"):
+        return
+    cut = data.rfind(b"\n") + 1
+    tail = data[cut:]
+    try:
+        json.loads(tail)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        print(f"warning: {path}: dropped a torn last line ({len(tail)} bytes, an interrupted write)", file=sys.stderr)
+        with path.open("r+b") as f:
+            f.truncate(cut)
+        return
+    with path.open("ab") as f:
+        f.write(b"\n")
+
+
 def append_jsonl(path: Path, rows: list[dict]) -> None:
+    repair_jsonl(path)
     with path.open("a") as f:
         for row in rows:
             f.write(json.dumps(row) + "\n")
@@ -265,19 +302,44 @@ def build_videoalign(args, video_fps: float):
         raise UserError(f"--videoalign {args.videoalign}: {err}") from err
 
 
-def score_videos(frames: list[np.ndarray], prompts: list[str], rewards) -> list[dict[str, float | None]]:
-    """Score clips one at a time (clips read from files may differ in size) -> one {term: value} per clip."""
+def container_fps(path: Path) -> float | None:
+    """The frame rate a video file's container states (decord's average rate, what the released VideoAlign code
+    samples by; ffmpeg's where decord cannot open the file); None when neither can tell."""
+    try:
+        import decord
+
+        fps = float(decord.VideoReader(str(path), ctx=decord.cpu(0), num_threads=1).get_avg_fps())
+    except Exception:  # decord's own errors (see video_branch.video): try ffmpeg's header
+        fps = None
+        try:
+            import imageio_ffmpeg
+
+            gen = imageio_ffmpeg.read_frames(str(path))
+            fps = float(next(gen).get("fps") or 0) or None
+            gen.close()
+        except Exception:
+            return None
+    return fps if fps and math.isfinite(fps) and fps > 0 else None
+
+
+def score_clip(clip: np.ndarray, prompt: str, fps: float | None, videoalign, others=()) -> dict[str, float | None]:
+    """Every score of one clip (its own frame rate given to VideoAlign); NaN scores become None. A reward that
+    raises propagates: the caller reports the clip as not scored."""
     import torch
 
-    out = []
-    for clip, prompt in zip(frames, prompts):
-        row: dict[str, float | None] = {}
-        batch = torch.from_numpy(np.ascontiguousarray(clip))[None]
-        for rm in rewards:
-            for k, v in rm(batch, [prompt]).items():
-                row.setdefault(k, _finite(float(v[0])))
-        out.append(row)
-    return out
+    batch = torch.from_numpy(np.ascontiguousarray(clip))[None]
+    row: dict[str, float | None] = {}
+    for k, v in videoalign(batch, [prompt], video_fps=fps).items():
+        row.setdefault(k, _finite(float(v[0])))
+    for rm in others:
+        for k, v in rm(batch, [prompt]).items():
+            row.setdefault(k, _finite(float(v[0])))
+    return row
+
+
+def _error_text(err: Exception) -> str:
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0] if text else repr(err)}"
 
 
 # --------------------------------------------------------------------------------------------- generator mode
@@ -288,16 +350,18 @@ def clip_plan(prompts: list[str], clips: int, seed: int) -> list[dict]:
 
 
 def check_settings(out: Path, settings: dict) -> None:
-    """Refuse to mix results of different settings in one folder (resuming needs the same ones)."""
+    """Refuse to mix results of different settings in one folder (resuming needs the same ones); writes nothing."""
     path = out / "settings.json"
     if path.is_file():
-        old = json.loads(path.read_text())
+        try:
+            old = json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise UserError(f"{path}: not valid JSON ({err.msg}); remove it to start this folder anew") from None
         changed = [k for k in settings if k in old and old[k] != settings[k]]
         if changed:
             k = changed[0]
             raise UserError(f"--out {out} holds an evaluation with other settings ({k}: {old[k]!r} there, "
                             f"{settings[k]!r} now); use another --out folder or the same settings")
-    write_json(path, settings)
 
 
 def load_baseline(spec: str | None) -> list[dict] | None:
@@ -343,12 +407,13 @@ def run_generate(args) -> int:
                 "guidance": args.guidance, "negative_prompt": args.negative_prompt, "shift": args.shift,
                 "frames": num_frames, "height": height, "width": width, "fps": fps,
                 "videoalign": str(Path(args.videoalign).resolve()), "temporal": not args.no_temporal}
+    if source is not None:
+        check_settings(out, settings)  # before any work; written once the models load
     out.mkdir(parents=True, exist_ok=True)
     videos = out / "videos"
     videos.mkdir(exist_ok=True)
-    if source is not None:
-        check_settings(out, settings)
     results_path = out / "results.jsonl"
+    repair_jsonl(results_path)
     done = {r["id"] for r in read_jsonl(results_path) if "id" in r}
     todo = [c for c in clip_plan(prompts, args.clips_per_prompt, args.seed) if c["id"] not in done]
     print(f"{len(done)} clips already scored, {len(todo)} to do", file=sys.stderr)
@@ -358,9 +423,10 @@ def run_generate(args) -> int:
         import reward_models
 
         quiet_libraries()
-        rewards = [build_videoalign(args, fps)]
-        if not args.no_temporal:
-            rewards.append(reward_models.build("temporal_consistency"))
+        videoalign = build_videoalign(args, fps)
+        others = [] if args.no_temporal else [reward_models.build("temporal_consistency")]
+        if source is not None:
+            write_json(out / "settings.json", settings)
         models = None
         with tqdm(total=len(todo), desc="evaluate", unit="clip", disable=args.quiet, file=sys.stderr) as bar:
             for start in range(0, len(todo), args.batch):
@@ -395,8 +461,17 @@ def run_generate(args) -> int:
                         # Score what was written: fresh and resumed clips are then scored alike.
                         frames.append(read_video(path))
                         ready.append(c)
-                scores = score_videos(frames, [c["prompt"] for c in ready], rewards)
-                rows = [{**c, "video": str(Path("videos") / f"{c['id']}.mp4"), **s} for c, s in zip(ready, scores)]
+                rows = []
+                for c, clip in zip(ready, frames):
+                    path = videos / f"{c['id']}.mp4"
+                    try:
+                        scores = score_clip(clip, c["prompt"], container_fps(path) or fps, videoalign, others)
+                    except Exception as err:  # reported, never turned into a score; a rerun tries again
+                        reason = f"not scored: {_error_text(err)}"
+                        tqdm.write(f"warning: {path}: {reason}; skipped", file=sys.stderr)
+                        skipped.append({"id": c["id"], "video": str(path), "reason": reason})
+                        continue
+                    rows.append({**c, "video": str(Path("videos") / f"{c['id']}.mp4"), **scores})
                 append_jsonl(results_path, rows)
                 bar.update(len(chunk))
 
@@ -413,7 +488,8 @@ def run_generate(args) -> int:
     (out / "summary.md").write_text(markdown_table(summary, title))
     print((out / "summary.md").read_text())
     if skipped:
-        print(f"{len(skipped)} clip(s) skipped: missing or corrupt videos", file=sys.stderr)
+        print(f"{len(skipped)} clip(s) skipped: missing or corrupt videos, or clips the rewards could not score",
+              file=sys.stderr)
     return 0
 
 
@@ -424,7 +500,7 @@ def bench_pairs(rows: list[dict[str, str]], csv_path: Path) -> list[dict]:
     missing = [c for c in need if c not in rows[0]]
     if missing:
         raise UserError(f"--csv {csv_path}: missing column(s) {missing}; a VideoGen-RewardBench CSV has path_A, "
-                        "path_B, prompt, fps_A, fps_B, num_frames_A, num_frames_B, VQ, MQ, TA, Overall")
+                        "path_B, prompt, VQ, MQ, TA and Overall (fps and num_frames columns are not used)")
     pairs = []
     for i, r in enumerate(rows, start=2):  # line 1 is the header
         labels = {}
@@ -433,15 +509,7 @@ def bench_pairs(rows: list[dict[str, str]], csv_path: Path) -> list[dict]:
             if v not in LABELS:
                 raise UserError(f"--csv {csv_path} line {i}: column {k} must be A, B or same, got {v!r}")
             labels[k] = LABELS[v]
-        fps = {}
-        for side in "AB":
-            raw = (r.get(f"fps_{side}") or "").strip()
-            try:
-                fps[side] = float(raw) if raw else None
-            except ValueError:
-                raise UserError(f"--csv {csv_path} line {i}: fps_{side} must be a number, got {raw!r}") from None
-        pairs.append({"line": i, "A": r["path_A"], "B": r["path_B"], "prompt": r["prompt"], "fps": fps,
-                      "labels": labels})
+        pairs.append({"line": i, "A": r["path_A"], "B": r["path_B"], "prompt": r["prompt"], "labels": labels})
     return pairs
 
 
@@ -474,43 +542,63 @@ def run_rewardbench(args) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     cache_path = out / "scores.jsonl"
-    # Keyed by (path, prompt): text alignment depends on the prompt a video is judged against.
-    scores = {(r["path"], r["prompt"]): r for r in read_jsonl(cache_path) if "path" in r and "prompt" in r}
-    videos: dict[tuple[str, str], float | None] = {}
-    for p in pairs:
-        for side in "AB":
-            videos.setdefault((p[side], p["prompt"]), p["fps"][side])
-    todo = [v for v in videos if v not in scores]
-    print(f"{len(videos) - len(todo)} videos already scored, {len(todo)} to do", file=sys.stderr)
-    failed = {}
+    repair_jsonl(cache_path)
+    # Keyed by (path, prompt): text alignment depends on the prompt a video is judged against. The last row of a
+    # key wins; a row with "error" records a video that could not be read or scored.
+    cached = {(r["path"], r["prompt"]): r for r in read_jsonl(cache_path) if "path" in r and "prompt" in r}
+    scores = {k: r for k, r in cached.items() if "error" not in r}
+    failed = {k: r["error"] for k, r in cached.items() if "error" in r}
+    videos = list(dict.fromkeys((p[side], p["prompt"]) for p in pairs for side in "AB"))
+    unseen = [v for v in videos if v not in scores and v not in failed]
+    todo = [v for v in videos if v not in scores] if args.videoalign else []
+    print(f"{sum(v in scores for v in videos)} videos already scored, {len(todo)} to do"
+          + (f", {sum(v in failed for v in videos)} recorded as unscorable" if not args.videoalign else ""),
+          file=sys.stderr)
+    if unseen and not args.videoalign:
+        raise UserError(f"{len(unseen)} videos have no scores in {cache_path}: give --videoalign PATH to score them")
     if todo:
-        if not args.videoalign:
-            raise UserError(f"{len(todo)} videos have no scores in {cache_path}: give --videoalign PATH to score them")
         quiet_libraries()
         rm = build_videoalign(args, 16.0)
-        default_fps = rm.video_fps
+        unreadable: dict[str, str] = {}
         for key in tqdm(todo, desc="score", unit="video", disable=args.quiet, file=sys.stderr):
             path, prompt = key
-            fps = videos[key]
             file = Path(path) if Path(path).is_absolute() else root / path
-            if path in failed:
-                continue
-            try:
-                frames = read_video(file)
-            except VideoReadError as err:
-                tqdm.write(f"warning: {err}; its pairs are skipped", file=sys.stderr)
-                failed[path] = str(err)
-                continue
-            import torch
-
-            rm.video_fps = fps or default_fps  # the clip's own frame rate decides how many frames are sampled
-            s = rm(torch.from_numpy(frames)[None], [prompt])
-            row = {"path": path, "prompt": prompt, **{k: _finite(float(s[k][0])) for k in VIDEOALIGN_KEYS}}
-            append_jsonl(cache_path, [row])
-            scores[key] = row
+            row = {"path": path, "prompt": prompt}
+            if path in unreadable:
+                row["error"] = unreadable[path]
+            else:
+                try:
+                    frames = read_video(file)
+                    fps = container_fps(file)
+                    if fps is None:
+                        raise VideoReadError(f"video {file} states no frame rate")
+                except VideoReadError as err:
+                    unreadable[path] = row["error"] = str(err)
+                else:
+                    try:
+                        row["fps"] = fps
+                        row.update(score_clip(frames, prompt, fps, rm))
+                    except Exception as err:  # reported and recorded, never turned into a score
+                        row = {"path": path, "prompt": prompt, "error": f"not scored: {_error_text(err)}"}
+            if "error" in row:
+                tqdm.write(f"warning: {row['error']}; its pairs are skipped", file=sys.stderr)
+                if failed.get(key) == row["error"]:
+                    continue  # the same failure is on record already
+                failed[key] = row["error"]
+            else:
+                scores[key] = row
+                failed.pop(key, None)
+            append_jsonl(cache_path, [{k: v for k, v in row.items() if k in ("path", "prompt", "fps", "error")
+                                       or k in VIDEOALIGN_KEYS}])
     results = bench_accuracy(pairs, scores)
     skipped = sum(1 for p in pairs if (p["A"], p["prompt"]) not in scores or (p["B"], p["prompt"]) not in scores)
-    summary = {"csv": str(csv_path), "n_pairs": len(pairs), "skipped_pairs": skipped, "failed_videos": failed,
+    if skipped == len(pairs):
+        raise UserError(f"no pair of {csv_path} could be scored (see the warnings above and {cache_path})")
+    failed_videos = {}
+    for (path, prompt), err in failed.items():
+        if (path, prompt) in videos:
+            failed_videos.setdefault(path, err)
+    summary = {"csv": str(csv_path), "n_pairs": len(pairs), "skipped_pairs": skipped, "failed_videos": failed_videos,
                "dimensions": results}
     write_json(out / "rewardbench.json", summary)
     lines = ["### VideoGen-RewardBench", "", f"{len(pairs) - skipped} of {len(pairs)} pairs scored", "",
@@ -518,10 +606,12 @@ def run_rewardbench(args) -> int:
              "|---|---:|---:|---:|---:|"]
     for k, r in results.items():
         lines.append(f"| {k} | {_pct1(r['accuracy_without_ties'])} | {_pct1(r['accuracy_with_ties'])} | "
-                     f"{_fmt(r['tie_threshold'], 4) if math.isfinite(r['tie_threshold']) else 'none'} | "
-                     f"{r['n_pairs']} ({r['n_pairs_without_ties']}) |")
+                     f"{_fmt(r['tie_threshold'], 4)} | {r['n_pairs']} ({r['n_pairs_without_ties']}) |")
     (out / "rewardbench.md").write_text("\n".join(lines) + "\n")
     print((out / "rewardbench.md").read_text())
+    if failed_videos:
+        print(f"{len(failed_videos)} video(s) could not be scored; their {skipped} pair(s) are skipped",
+              file=sys.stderr)
     return 0
 
 
