@@ -16,8 +16,9 @@ import torch
 
 from ..core.tree import TreeSpec
 from ..models.lora import merge_lora_state
+from ..models.text import PromptEncoder
 from ..models.vae import decode_to_frames
-from ..models.wan import module_dtype_device, velocity
+from ..models.wan import COMPONENTS, load_wan, module_dtype_device, velocity
 from .rollout import rollout
 
 PATCH = 2  # Wan's spatial patch size: latent height and width must be even
@@ -119,8 +120,6 @@ def generate(
         raise ValueError("generate: the model needs a transformer and a VAE (load them with load_wan)")
     shape = latent_shape_for(models.vae, num_frames, height, width)
     if encoder is None:
-        from ..models.text import PromptEncoder
-
         if models.text_encoder is None or models.tokenizer is None:
             raise ValueError("generate: the model has no text encoder / tokenizer loaded, and no encoder was given")
         encoder = PromptEncoder(models.text_encoder, models.tokenizer, max_sequence_length=max_sequence_length)
@@ -240,8 +239,6 @@ def base_model_path(run_dir: Path) -> Path:
 def load_source(source: ModelSource, *, dtype: str = "float32", device="cpu", components=None):
     """Load a :class:`ModelSource` as ``WanComponents`` (for checkpoints: the run's base model with the trained
     transformer weights from ``zero_to_fp32``)."""
-    from ..models.wan import COMPONENTS, load_wan
-
     components = tuple(components or COMPONENTS)
     if source.kind == "diffusers":
         return load_wan(source.path, dtype=dtype, device=device, components=components)
