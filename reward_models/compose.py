@@ -165,6 +165,11 @@ class ComposedReward:
             keys = list(out)
             if len(self.last_failures[name]) < frames.shape[0]:
                 self._seen_keys[name] = keys
+            elif name not in self._seen_keys:
+                # Nothing scored yet: the reward's outputs are unknown, so only its (NaN) score is reported, never
+                # a made-up sub-score key; a caller that merges outputs (other ranks) fills in the rest.
+                result[name] = torch.full((frames.shape[0],), float("nan"))
+                continue
             primary = _primary_key(name, keys, self.keys[name])
             result[name] = out[primary]
             for k, v in out.items():

@@ -19,6 +19,7 @@ class RewardModel(Protocol):
 
 
 _REGISTRY: Dict[str, Callable[..., RewardModel]] = {}
+_CHECKS: Dict[str, Callable[..., None]] = {}
 
 
 def register(name: str):
@@ -31,6 +32,30 @@ def register(name: str):
         return ctor
 
     return deco
+
+
+def register_check(name: str):
+    """Decorator: ``@register_check("videoalign")`` on ``fn(**options)`` that validates a reward's options and files
+    without loading weights (raising ``FileNotFoundError`` or ``ValueError`` naming the file or option)."""
+
+    def deco(fn):
+        _CHECKS[name] = fn
+        return fn
+
+    return deco
+
+
+def check(name: str, **options) -> None:
+    """Everything about ``build(name, **options)`` that can be known without building it: the name, the options
+    against the constructor's signature, and the reward's registered file check (paths, configs, headers)."""
+    _import_builtin()
+    if name not in _REGISTRY:
+        close = difflib.get_close_matches(name, list(_REGISTRY), n=1)
+        hint = f" Did you mean '{close[0]}'?" if close else ""
+        raise KeyError(f"unknown reward '{name}'. Available: {', '.join(sorted(_REGISTRY))}.{hint}")
+    check_options(name, _REGISTRY[name], options)
+    if name in _CHECKS:
+        _CHECKS[name](**options)
 
 
 def available() -> List[str]:
@@ -77,7 +102,7 @@ def _import_builtin() -> None:
     # Importing the modules registers their rewards; each is optional so a broken extra never hides the others.
     import importlib
 
-    for mod in ("toyworld", "temporal", "videoalign", "image"):
+    for mod in ("toyworld", "temporal", "videoalign", "image", "file_checks"):
         try:
             importlib.import_module(f"reward_models.{mod}")
         except ModuleNotFoundError as e:

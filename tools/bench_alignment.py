@@ -59,7 +59,7 @@ def default_metric(cfg) -> str:
 
 def _point(summary: dict, metric: str, train_s: float, iteration: int) -> dict:
     if metric not in summary:
-        names = sorted(k for k in summary if not k.endswith("_ci95") and k not in ("n", "per_clip"))
+        names = sorted(k for k in summary if not k.endswith("_ci95") and k not in ("n", "valid", "per_clip"))
         raise SystemExit(f"--metric {metric!r} is not among the held-out scores {names}")
     return {"train_s": train_s, "iteration": iteration, "mean": summary[metric], "ci95": summary.get(metric + "_ci95"),
             "n": summary.get("n"), "scores": summary}

@@ -12,6 +12,7 @@ import argparse
 import copy
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -196,6 +197,8 @@ class TrainConfig:
     keep_checkpoints: int = _f(2, help="checkpoints kept on disk", min=1)
     device: Literal["auto", "cpu", "cuda"] = _f("auto", help="device")
     cpu_threads: int = _f(0, help="torch threads per rank on CPU (0 = cores / ranks on this node)", min=0)
+    max_invalid_iterations: int = _f(3, help="stop after this many iterations in a row in which no leaf on any rank "
+                                     "has a valid reward (0 = never stop)", min=0)
 
 
 @dataclass
@@ -366,6 +369,8 @@ def _build(cls, data: Dict[str, Any], prefix: str = ""):
         value = _coerce(key, data[name], tp)
         lo, hi = f.metadata.get("min"), f.metadata.get("max")
         for v in value if isinstance(value, list) else [value]:
+            if isinstance(v, float) and not math.isfinite(v):
+                raise ConfigError(f"config key '{key}': {v!r} is not a finite number")
             if isinstance(v, (int, float)) and not isinstance(v, bool):
                 if lo is not None and v < lo or hi is not None and v > hi:
                     rng = f"[{lo if lo is not None else '-inf'}, {hi if hi is not None else 'inf'}]"
@@ -499,9 +504,12 @@ def validate(cfg: Config) -> None:
     for name, opts in cfg.reward.components.items():
         if not isinstance(opts, dict):
             raise ConfigError(f"config key 'reward.components.{name}': expected a mapping with 'weight', got {opts!r}")
-        w = opts.get("weight", 1.0)
-        if isinstance(w, bool) or not isinstance(w, (int, float)):
-            raise ConfigError(f"config key 'reward.components.{name}.weight': expected a number, got {w!r}")
+        if "weight" not in opts:
+            raise ConfigError(f"config key 'reward.components.{name}.weight' is missing: every reward needs a weight "
+                              f"(e.g. {{{name}: {{weight: 1.0}}}})")
+        w = opts["weight"]
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w):
+            raise ConfigError(f"config key 'reward.components.{name}.weight': expected a finite number, got {w!r}")
     tree_spec(cfg, 0)  # the core's own checks of the trees (window fit, step kinds), naming the config key
 
 

@@ -18,6 +18,9 @@ from typing import Any, Dict, Optional
 import numpy as np
 import torch
 import torch.distributed as dist
+import yaml
+
+from ..config import ConfigError
 
 LATEST = "latest"
 COPIES = "copies.pt"  # the kept policy copies (see save)
@@ -118,6 +121,73 @@ def load(engine, ckpt_dir: Path, tag: str, rank: int,
         for name, m in copies.items():
             m.load_state_dict(states[name])
     return client_state or {}
+
+
+class ResumeError(ConfigError):
+    """A checkpoint that this run cannot continue from (another run's, or another world size's)."""
+
+
+# What makes a checkpoint another run's: the method, the model (weights, LoRA, text conditioning) and the trees.
+# Execution choices that leave the maths unchanged may differ.
+RUN_IDENTITY = ("method", "model.", "tree.", "objective.name")
+NOT_IDENTITY = ("model.attention_backend", "model.gradient_checkpointing")
+
+
+def _flat(d: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
+    out: Dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v and k != "components":
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def identity_differences(saved: Dict[str, Any], current: Dict[str, Any]) -> list[str]:
+    """``key: saved -> current`` for every run-identity key (RUN_IDENTITY) whose value differs; keys only one of
+    the two configs knows (another version's schema) are not compared."""
+    a, b = _flat(saved), _flat(current)
+    diffs = []
+    for k in sorted(set(a) & set(b)):
+        if k.startswith(RUN_IDENTITY) and not k.startswith(NOT_IDENTITY) and a[k] != b[k]:
+            diffs.append(f"{k}: {a[k]!r} -> {b[k]!r}")
+    return diffs
+
+
+def saved_world_size(ckpt_path: Path) -> Optional[int]:
+    """Ranks that wrote a checkpoint (one RNG state file each), or None if it holds none."""
+    n = len(list(Path(ckpt_path).glob("rng_rank*.pt")))
+    return n or None
+
+
+def check_resumable(cfg, point: tuple[Path, str], world_size: int) -> None:
+    """Raise ResumeError, changing nothing, unless the checkpoint ``point`` can continue this run: it exists, was
+    written by ``world_size`` ranks (ZeRO-3 partitions cannot be re-split), and its run's ``config.yaml`` agrees
+    with ``cfg`` on every run-identity key."""
+    ckpt_dir, tag = point
+    path = Path(ckpt_dir) / tag
+    if not path.is_dir():
+        raise ResumeError(f"train.resume: checkpoint directory not found: {path}")
+    saved_world = saved_world_size(path)
+    if saved_world is not None and saved_world != world_size:
+        raise ResumeError(f"train.resume: checkpoint {path} was written by {saved_world} ranks and this run has "
+                          f"{world_size}; a ZeRO-3 checkpoint resumes only at the world size that wrote it: relaunch "
+                          f"with {saved_world} ranks, or start a new run (a new train.run_dir, or train.resume: "
+                          "never) from its final/ weights (model.path)")
+    saved_cfg = Path(ckpt_dir).parent / "config.yaml"
+    if not saved_cfg.is_file():
+        return
+    try:
+        saved = yaml.safe_load(saved_cfg.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ResumeError(f"train.resume: {saved_cfg} (the config of the run being resumed) is not valid YAML: "
+                          f"{e}") from None
+    diffs = identity_differences(saved, cfg.to_dict())
+    if diffs:
+        raise ResumeError(f"train.resume: {path} belongs to a different run: its config {saved_cfg} differs in "
+                          + "; ".join(diffs) + ". Resuming would mix two runs in one directory; nothing was changed. "
+                          "Use a new train.run_dir, or set train.resume: never to move the earlier run aside to a "
+                          "sibling directory and start fresh")
 
 
 def resume_point(cfg, run_dir: Path) -> Optional[tuple[Path, str]]:

@@ -44,14 +44,13 @@ def heldout_scores(cfg, d: Dist, prompts: Sequence[str], wan, encoder, transform
     if d.world_size == 1:
         return local
     gathered: List = [None] * d.world_size
-    dist.all_gather_object(gathered, (d.sp_rank, local))
-    out: Dict[str, List[np.ndarray]] = {}
-    for sp_rank, part in gathered:
-        if sp_rank != 0:  # the ranks of one SP group hold the same samples
-            continue
-        for k, v in part.items():
-            out.setdefault(k, []).append(v)
-    return {k: np.concatenate(v) for k, v in out.items()}
+    dist.all_gather_object(gathered, (d.sp_rank, int(keep.sum()), local))
+    parts = [(n, part) for sp_rank, n, part in gathered if sp_rank == 0]  # an SP group's ranks hold the same clips
+    # A member whose reward never scored a sample knows only the reward's own name, not its sub-scores: its clips
+    # are NaN in every term the others report, in their place, so every term's clips stay in the same order.
+    keys = list(dict.fromkeys(k for _, part in parts for k in part))
+    return {k: np.concatenate([np.asarray(part[k], dtype=np.float64) if k in part else np.full(n, np.nan)
+                               for n, part in parts]) for k in keys}
 
 
 def summarize(scores: Dict[str, np.ndarray]) -> Dict:
@@ -62,5 +61,6 @@ def summarize(scores: Dict[str, np.ndarray]) -> Dict:
         m, ci = mean_ci(v)
         summary[k], summary[k + "_ci95"] = m, ci
     summary["n"] = int(len(next(iter(scores.values()))))
+    summary["valid"] = {k: int(np.isfinite(np.asarray(v, dtype=np.float64)).sum()) for k, v in scores.items()}
     summary["per_clip"] = {k: [float(x) for x in np.asarray(v, dtype=np.float64)] for k, v in scores.items()}
     return summary

@@ -46,7 +46,8 @@ def archive_previous_run(run_dir: str | Path) -> Optional[Path]:
     import time
 
     run_dir = Path(run_dir)
-    if not run_dir.is_dir() or not any(run_dir.iterdir()):
+    keep = {".lock"}  # the run directory's lock (video_branch.engine.rundir) stays with the directory
+    if not run_dir.is_dir() or not any(p.name not in keep for p in run_dir.iterdir()):
         return None
     stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
     dest = run_dir.with_name(f"{run_dir.name}.prev-{stamp}")
@@ -56,7 +57,8 @@ def archive_previous_run(run_dir: str | Path) -> Optional[Path]:
         dest = run_dir.with_name(f"{run_dir.name}.prev-{stamp}-{n}")
     dest.mkdir(parents=True)
     for entry in sorted(run_dir.iterdir()):
-        shutil.move(str(entry), str(dest / entry.name))
+        if entry.name not in keep:
+            shutil.move(str(entry), str(dest / entry.name))
     print(f"video_branch: {run_dir} held an earlier run that this one does not resume; moved it to {dest}",
           flush=True)
     return dest
@@ -75,8 +77,17 @@ class RunLogger:
             self._tb = SummaryWriter(log_dir=str(self.run_dir / "tensorboard"))
 
     def truncate_after(self, iteration: int) -> None:
-        """On resume: drop rows of iterations that the restored checkpoint does not contain."""
-        if not self.enabled or not self.metrics_path.is_file():
+        """On resume: drop rows of iterations that the restored checkpoint does not contain, in metrics.jsonl and in
+        TensorBoard (a writer with ``purge_step`` marks events of later steps in the earlier event files as
+        superseded, and TensorBoard hides them)."""
+        if not self.enabled:
+            return
+        if self._tb is not None:
+            self._tb.close()
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(log_dir=str(self.run_dir / "tensorboard"), purge_step=iteration + 1)
+        if not self.metrics_path.is_file():
             return
         rows = [r for r in read_metrics(self.metrics_path) if r.get("iteration", -1) <= iteration]
         tmp = self.metrics_path.with_suffix(".tmp")

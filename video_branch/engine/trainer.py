@@ -28,10 +28,9 @@ from ..core.objectives import get_objective, objective_info
 from ..core.ovf import preview_pruner, survivor_edges
 from ..core.pruning import select_trained_edges
 from ..core.stats import paired_change
-from ..data import iteration_prompts, read_prompts, tree_seed
+from ..data import iteration_prompts, tree_seed
 from ..models.export import export_pipeline_dir
 from ..models.lora import lora_scale
-from ..models.wan import read_model_index
 from ..parallel.collectives import all_mean
 from ..parallel.groups import Dist, init_distributed
 from ..parallel.lockstep import check_lockstep
@@ -40,9 +39,15 @@ from .dump import dump_tree
 from .evaluation import heldout_scores, summarize
 from .logging import RunLogger, archive_previous_run
 from .phases import get_phase
+from .preflight import check_inputs
 from .rollout import RolloutResult, rollout
+from .rundir import lock_run_dir
 from .scoring import preview_scores, reward_weights, score_leaves
 from .setup import build_models, build_policy
+
+
+class NoValidRewards(RuntimeError):
+    """Training stopped: no leaf had a valid reward for ``train.max_invalid_iterations`` iterations in a row."""
 
 
 @dataclass
@@ -73,17 +78,25 @@ class Trainer:
     def __init__(self, cfg: Config):
         self.cfg = cfg
         self.run_dir = Path(cfg.train.run_dir)
-        # Cheap checks of every input first, so a bad prompt file or model directory stops before any work.
-        self.train_prompts = read_prompts(cfg.train.prompt_file, key="train.prompt_file")
-        self.eval_prompts = read_prompts(cfg.eval.prompt_file, key="eval.prompt_file")
-        if cfg.eval.num_prompts:
-            self.eval_prompts = self.eval_prompts[: cfg.eval.num_prompts]
-        read_model_index(cfg.model.path)
+        # Every check that needs no weights first (inputs, then the run directory), so a bad input stops in seconds
+        # and before the run directory changes.
+        inputs = check_inputs(cfg)
+        self.train_prompts, self.eval_prompts = inputs.train_prompts, inputs.eval_prompts
 
         self.dist: Dist = init_distributed(cfg.parallel.sp_size, cfg.parallel.backend, cfg.train.device,
                                            cfg.parallel.cpu_shm_allreduce, cfg.train.cpu_threads)
+        self.lock = lock_run_dir(self.run_dir, self.dist)
+        point = ckpt.resume_point(cfg, self.run_dir)
+        if point is not None:
+            try:
+                ckpt.check_resumable(cfg, point, self.dist.world_size)
+            except ckpt.ResumeError:
+                self.lock.release()
+                raise
+        if self.dist.is_main:
+            print(f"video_branch: inputs checked in {inputs.seconds:.2f} s; loading the models", flush=True)
         torch.manual_seed(cfg.train.seed + self.dist.rank)
-        if self.dist.is_main and ckpt.resume_point(cfg, self.run_dir) is None:
+        if self.dist.is_main and point is None:
             archive_previous_run(self.run_dir)
         self.dist.barrier()
         run = build_models(cfg, self.dist.device)
@@ -113,9 +126,19 @@ class Trainer:
         self._maybe_resume()
         results = {"before": self._evaluate_before()}
         bar = self._progress_bar()
+        no_valid = 0  # iterations in a row in which no leaf on any rank had a valid reward
         for it in range(self.start_iteration, cfg.train.iterations):
             row = self.train_iteration(it, bar)
             self.logger.log(row)
+            no_valid = no_valid + 1 if row["valid_leaves"] == 0 else 0
+            if cfg.train.max_invalid_iterations and no_valid >= cfg.train.max_invalid_iterations:
+                self.logger.plot()
+                self.logger.close()
+                raise NoValidRewards(
+                    f"no leaf on any rank had a valid reward in iterations {it + 1 - no_valid}-{it} "
+                    f"(train.max_invalid_iterations={cfg.train.max_invalid_iterations}): every reward call failed or "
+                    "returned NaN, so nothing was learned (the warnings above name the reward and its error); fix "
+                    "the reward, or set train.max_invalid_iterations: 0 to train on regardless")
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(reward=f"{row['reward_mean']:.3f}", phase="done")
@@ -132,6 +155,7 @@ class Trainer:
         self.export_final()
         self.logger.plot()
         self.logger.close()
+        self.lock.release()
         if d.is_main:
             (self.run_dir / "eval_after.json").write_text(json.dumps({**results["after"],
                                                                       "change": results["change"]}, indent=1))
@@ -211,13 +235,16 @@ class Trainer:
         leaves = b.res.tree.leaves()
         total = sum(b.weights[k] * b.rewards[k][leaves] for k in b.weights)
         local = {"reward_mean": float(np.nanmean(total)) if np.isfinite(total).any() else float("nan"),
-                 "invalid_leaves": float(np.sum(~np.isfinite(total)))}
+                 "invalid_leaves": float(np.sum(~np.isfinite(total))),
+                 "valid_leaves": float(np.sum(np.isfinite(total)))}
         for k, v in b.rewards.items():
             vals = v[leaves]
             local[f"reward/{k}"] = float(np.nanmean(vals)) if np.isfinite(vals).any() else float("nan")
-        local.update(train_stats)
+        local.update({k: v for k, v in train_stats.items() if not isinstance(v, list)})
         row = {"iteration": it, **all_mean(self.dist, local)}
-        row["invalid_leaves"] = row["invalid_leaves"] * self.dist.dp_size  # a sum over data-parallel members
+        row.update({k: v for k, v in train_stats.items() if isinstance(v, list)})  # per step, reduced by the phase
+        for k in ("invalid_leaves", "valid_leaves"):  # sums over data-parallel members
+            row[k] = row[k] * self.dist.dp_size
         row.update(rollout_s=b.rollout_s, reward_s=b.reward_s, train_s=t3 - t2, iter_s=time.perf_counter() - t0,
                    forward_passes=self._stats.forward_passes, trained_edges=self._stats.trained_edges,
                    trained_samples=self._stats.trained_samples, lr=float(self.policy.engine.get_lr()[0]))
@@ -261,8 +288,6 @@ class Trainer:
         if point is None:
             return
         ckpt_dir, tag = point
-        if not (ckpt_dir / tag).is_dir():
-            raise FileNotFoundError(f"train.resume: checkpoint directory not found: {ckpt_dir / tag}")
         state = ckpt.load(self.policy.engine, ckpt_dir, tag, self.dist.rank, copies=self.policy.copies)
         self.start_iteration = int(state.get("iteration", 0))
         self.logger.truncate_after(self.start_iteration - 1)

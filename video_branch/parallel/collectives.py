@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable, Dict, TypeVar
+from typing import Callable, Dict, List, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -12,12 +12,22 @@ from .groups import Dist
 T = TypeVar("T")
 
 
+def union_keys(d: Dist, keys) -> List[str]:
+    """The sorted union of every rank's ``keys`` (a rank whose reward never scored knows fewer of them)."""
+    if d.world_size == 1:
+        return sorted(keys)
+    gathered: List = [None] * d.world_size
+    dist.all_gather_object(gathered, sorted(keys))
+    return sorted(set().union(*gathered))
+
+
 def all_mean(d: Dist, values: Dict[str, float]) -> Dict[str, float]:
-    """Average over ranks (NaN-aware: a rank with no valid value does not count)."""
+    """Average over ranks (NaN-aware: a rank with no valid value does not count). The keys may differ between
+    ranks: the result has every rank's keys, and a key a rank lacks counts as NaN there."""
     if d.world_size == 1:
         return values
-    keys = sorted(values)
-    v = torch.tensor([values[k] for k in keys], dtype=torch.float64)
+    keys = union_keys(d, values)
+    v = torch.tensor([values.get(k, float("nan")) for k in keys], dtype=torch.float64)
     ok = torch.isfinite(v).double()
     s = torch.stack([torch.nan_to_num(v) * ok, ok])
     dist.all_reduce(s)
