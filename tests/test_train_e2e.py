@@ -257,7 +257,7 @@ def nan_once(logp_new, logp_old, advantages, **kw):
 
 from video_branch.train import main
 sys.exit(main(["--config", {str(cfg)!r}, "--set", "train.run_dir={run}", "--set", "objective.name=nan_once_test",
-               "--set", "train.iterations=1", "--set", "optim.micro_batch=100"]))
+               "--set", "train.iterations=1", "--set", "optim.micro_batch=100", "--set", "optim.minibatch=0"]))
 """
     )
     r = subprocess.run([sys.executable, str(script)], cwd=ROOT, capture_output=True, text=True, timeout=600,

@@ -65,6 +65,9 @@ _BRANCH = {
     "credit": {"fusion": "path", "beta": 1.0, "adv_clip": 5.0},
     "prune": {"width": "none", "depth_window": 0, "timestep_fraction": 1.0, "exclude_last_step": False},
     "objective": {"name": "clipped", "clip_eps": 1e-3, "kl_coef": 0.0},
+    # The released loop steps the optimizer every 12 shuffled edges (gradient_accumulation_steps 12), plus once
+    # after the remainder: 2 trees x 218 edges per rank -> 37 steps per rollout.
+    "optim": {"minibatch": 12, "minibatch_by": "edge"},
 }
 
 
@@ -116,6 +119,9 @@ _DANCE = {
     "credit": {"fusion": "mean", "beta": 0.0, "adv_clip": 5.0},
     "prune": {"width": "none", "depth_window": 0, "timestep_fraction": 0.6, "exclude_last_step": True},
     "objective": {"name": "clipped", "clip_eps": 1e-4, "kl_coef": 0.0},
+    # DanceGRPO steps after every gradient_accumulation_steps whole chains; its FLUX 8-GPU script (24 chains per
+    # rank, 12 per step) takes 2 steps per rollout: here 16 chains, 8 per step.
+    "optim": {"minibatch": 8, "minibatch_by": "chain"},
 }
 register_preset(
     "dancegrpo", _DANCE,
@@ -125,7 +131,8 @@ register_preset(
 register_preset(
     "mixgrpo",
     _with(_DANCE, tree={"base_kind": "ode", "window": {"size": 4, "start": 0, "slide_interval": 25, "wrap": True}},
-          prune={"timestep_fraction": 1.0, "exclude_last_step": False}),
+          prune={"timestep_fraction": 1.0, "exclude_last_step": False},
+          optim={"minibatch": 4}),  # MixGRPO's script: 12 chains, a step every 3 -> 4 steps per rollout
     "MixGRPO: 16 chains, a window of 4 SDE steps from step 0 sliding one step every 25 iterations, ODE elsewhere; "
     "only the window is trained.",
 )
@@ -134,6 +141,8 @@ _FLOW = _with(
     tree={"num_steps": 10, "roots": 24, "sde_form": "flow", "eta": 0.7},
     prune={"timestep_fraction": 1.0, "exclude_last_step": True},
     objective={"clip_eps": 1e-4, "kl_coef": 0.04},
+    # Flow-GRPO accumulates over half of an epoch's samples: 2 optimizer steps per epoch (24 chains, 12 per step).
+    optim={"minibatch": 12, "minibatch_by": "chain"},
 )
 register_preset(
     "flowgrpo", _FLOW,
@@ -152,7 +161,8 @@ register_preset(
 # ------------------------------------------------------------------------------------------------ Expand-and-Prune
 register_preset(
     "pro_grpo",
-    _with(_FLOW, tree={"roots": 48, "survivors": [[5, 24], [7, 12]], "prune_rule": "ovf"}),
+    _with(_FLOW, tree={"roots": 48, "survivors": [[5, 24], [7, 12]], "prune_rule": "ovf"},
+          optim={"minibatch": 6}),  # Flow-GRPO's 2 steps per epoch over the 12 survivors
     "Pro-GRPO: Flow-GRPO's 10 SDE steps expanded to 48 chains, pruned by Optimal Variance Filtering of the "
     "rewards of one-step x0_hat previews to 24 before step 5 and 12 before step 7; advantages and training use the "
     "12 survivors (48x5 + 24x2 + 12x3 = 324 forward passes per prompt).",
@@ -167,7 +177,8 @@ register_preset(
 # ------------------------------------------------------------------------------------------------ sample-level methods
 # The whole generation is one action: rollouts are ODE chains (no SDE edge is trained) and the objective trains on the
 # final samples through noised (t, eps) pairs (video_branch.phases, "samples").
-_ODE_GROUP = _with(_DANCE, tree={"base_kind": "ode"}, prune={"timestep_fraction": 1.0, "exclude_last_step": False})
+_ODE_GROUP = _with(_DANCE, tree={"base_kind": "ode"}, prune={"timestep_fraction": 1.0, "exclude_last_step": False},
+                   optim={"minibatch": 0, "minibatch_by": "edge"})  # not compared with released code: one step
 register_preset(
     "vgrpo",
     _with(_ODE_GROUP, objective={"name": "vgrpo", "clip_eps": 1e-4, "kl_coef": 0.0, "pairs": 4}),

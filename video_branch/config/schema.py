@@ -25,7 +25,7 @@ from ..core.errors import CoreError
 from ..core.ovf import get_prune_rule
 from .errors import ConfigError
 from .presets import get_preset
-from .specs import tree_spec
+from .specs import tree_spec, update_schedule
 
 
 def _f(default=dataclasses.MISSING, *, help: str = "", min=None, max=None, factory=None):  # noqa: A002
@@ -169,7 +169,14 @@ class OptimConfig:
     betas: List[float] = _f(factory=lambda: [0.9, 0.999], help="AdamW betas")
     eps: float = _f(1e-8, help="AdamW epsilon", min=0.0)
     grad_clip: float = _f(1.0, help="gradient-norm clip (0 = off)", min=0.0)
-    updates_per_iteration: int = _f(1, help="optimizer steps per rollout", min=1)
+    updates_per_iteration: int = _f(1, help="passes over the rollout's trained units; each pass reshuffles them and "
+                                    "takes one optimizer step per mini-batch (optim.minibatch)", min=1)
+    minibatch: int = _f(0, help="trained units per optimizer step: edges, or chains with optim.minibatch_by=chain "
+                        "(samples for sample objectives); the units are shuffled and cut into full mini-batches of "
+                        "this size plus the remainder, each followed by a step; 0 = one step per rollout", min=0)
+    minibatch_by: Literal["edge", "chain"] = _f("edge", help="edge: shuffle single trained edges (BranchGRPO); chain: "
+                                                 "shuffle whole chains, every edge of a chain in one mini-batch "
+                                                 "(DanceGRPO, Flow-GRPO)")
     micro_batch: int = _f(8, help="trained edges per backward micro-batch", min=1)
     warmup_iterations: int = _f(0, help="linear learning-rate warm-up", min=0)
 
@@ -511,6 +518,7 @@ def validate(cfg: Config) -> None:
         if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w):
             raise ConfigError(f"config key 'reward.components.{name}.weight': expected a finite number, got {w!r}")
     tree_spec(cfg, 0)  # the core's own checks of the trees (window fit, step kinds), naming the config key
+    update_schedule(cfg, 0)  # chain mini-batches need chains of equal trained-edge counts
 
 
 def _validate_survivors(cfg: Config) -> None:

@@ -11,6 +11,7 @@ from typing import Any, Dict, Tuple
 import numpy as np
 
 from ..core.errors import CoreError
+from ..core.minibatch import chain_ids, minibatch_sizes, plan_minibatches
 from ..core.objectives import objective_info
 from ..core.ovf import survivor_edges
 from ..core.pruning import select_trained_edges
@@ -96,6 +97,49 @@ def count_trained_samples(cfg, spec: TreeSpec) -> int:
     return int(spec.live_per_depth()[-1]) if objective_info(cfg.objective.name).unit == "samples" else 0
 
 
+def trained_mask(cfg, spec: TreeSpec, tree, iteration: int, rng: np.random.Generator) -> np.ndarray:
+    """A trained-edge mask of ``tree`` (built from ``spec``) under ``cfg.prune`` for random values and advantages:
+    the config-determined selection the counts are taken from."""
+    values = rng.standard_normal(tree.num_nodes)
+    advantages = rng.standard_normal(tree.num_nodes)
+    mask = np.asarray(select_trained_edges(tree, values, advantages, cfg, iteration, rng))
+    return mask & survivor_edges(tree, spec)
+
+
+def update_schedule(cfg, iteration: int = 0, draws: int = 2) -> Dict[str, Any]:
+    """One rank's update schedule at ``iteration``, from the config alone (the same on every rank).
+
+    Returns ``unit`` ("edges" or "samples"), ``units`` (trained units per rank and iteration), ``minibatch_sizes``
+    (in units, one pass), ``passes`` (``optim.updates_per_iteration``) and ``optimizer_steps`` (passes x
+    mini-batches). With ``optim.minibatch_by: chain`` every chain must carry the same number of trained edges;
+    otherwise the sizes would depend on the data and the config is rejected.
+    """
+    o = cfg.optim
+    spec = tree_spec(cfg, iteration)
+    tree = build_structure(spec, cfg.train.prompts_per_rank)
+    unit = objective_info(cfg.objective.name).unit
+    if unit == "samples":
+        sizes = minibatch_sizes(int(spec.live_per_depth()[-1]) * cfg.train.prompts_per_rank, o.minibatch)
+    else:
+        seen = set()
+        for d in range(draws):
+            rng = np.random.default_rng([int(cfg.train.seed) % (1 << 64), int(iteration), d, 0x5C4E])
+            edges = np.nonzero(trained_mask(cfg, spec, tree, iteration, rng))[0]
+            groups = chain_ids(tree)[edges] if o.minibatch_by == "chain" else None
+            try:
+                plan = plan_minibatches(edges, o.minibatch, rng, groups)
+            except CoreError as e:
+                raise ConfigError(f"config key 'optim.minibatch_by': {e}") from None
+            seen.add(tuple(len(b) for b in plan))
+        if len(seen) != 1:
+            raise ConfigError("config key 'optim.minibatch_by': chain mini-batches would hold different numbers of "
+                              f"trained edges from one draw to the next ({sorted(seen)}): the chains carry unequal "
+                              "numbers of trained edges; accepted: 'edge' for this tree")
+        sizes = list(seen.pop())
+    return {"unit": unit, "units": int(sum(sizes)), "minibatch_sizes": sizes, "passes": int(o.updates_per_iteration),
+            "optimizer_steps": int(o.updates_per_iteration) * len(sizes)}
+
+
 def config_accounting(cfg, iteration: int = 0) -> Dict[str, Any]:
     """Per-prompt accounting of a resolved config at ``iteration`` (forward passes count CFG when enabled)."""
     spec = tree_spec(cfg, iteration)
@@ -104,6 +148,9 @@ def config_accounting(cfg, iteration: int = 0) -> Dict[str, Any]:
     out.update(accounting(spec, guidance))
     out["trained_edges"] = count_trained_edges(cfg, spec, iteration)
     out["trained_samples"] = count_trained_samples(cfg, spec)
+    sched = update_schedule(cfg, iteration)
+    out["optimizer_steps"] = sched["optimizer_steps"]  # per rank and iteration, train.prompts_per_rank prompts
+    out["minibatch_sizes"] = sched["minibatch_sizes"]
     out["guidance_scale"] = cfg.rollout.guidance_scale
     out["split_steps"] = list(spec.split_steps)
     out["sde_steps"] = list(spec.sde_steps)

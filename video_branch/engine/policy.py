@@ -110,7 +110,10 @@ class Policy:
         return EdgeLogProbs(inp, x, x_next, s, s_next, eta, emb, mean, std, logp)
 
     def micro_step(self, loss, zero_inputs, last: bool, update_skipped: bool) -> tuple:
-        """Backpropagate one micro-batch's weighted loss and step the engine (it updates at the boundary).
+        """Backpropagate one micro-batch's weighted loss and step the engine; ``last`` marks the mini-batch's last
+        micro-batch, the gradient-accumulation boundary where the optimizer steps. Mini-batches may hold different
+        numbers of micro-batches (a remainder), so the boundary is set here rather than counted by DeepSpeed, and
+        the loss is not divided by DeepSpeed's accumulation steps: the caller weights it by its share.
 
         A non-finite loss on any rank skips that micro-batch's backward on every rank (agreed by an all-reduce, so
         ZeRO-3's collectives stay in step: a finite zero loss through the policy at ``zero_inputs`` (x, s, emb) is
@@ -120,7 +123,8 @@ class Policy:
         bad = any_rank(self.dist, not bool(torch.isfinite(loss)))
         if bad:
             loss = self._zero_loss(*zero_inputs)
-        self.engine.backward(loss)
+        self.engine.set_gradient_accumulation_boundary(bool(last))
+        self.engine.backward(loss, scale_wrt_gas=False)
         update_skipped = update_skipped or bad
         if last and update_skipped:
             with _zero_lr(self.optimizer):

@@ -12,6 +12,7 @@ import torch
 
 from reward_models.compose import build_from_config
 
+from ..config.specs import update_schedule
 from ..core.objectives import objective_info
 from ..models.lora import AdapterDisabled, apply_lora
 from ..models.text import PromptEncoder
@@ -80,7 +81,7 @@ def build_policy(cfg, models: RunModels, d: Dist, n_micro: int) -> Policy:
     # A torch optimizer object: DeepSpeed's own AdamW would JIT-compile FusedAdam (minutes on CPU).
     optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
                                   weight_decay=cfg.optim.weight_decay)
-    warm = cfg.optim.warmup_iterations * cfg.optim.updates_per_iteration
+    warm = cfg.optim.warmup_iterations * update_schedule(cfg, 0)["optimizer_steps"]  # the scheduler steps per step
     sched = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warm) if warm else 1.0)
     engine, optimizer, _, lr_scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=sched,
                                                               config=ds_config, dist_init_required=False)
