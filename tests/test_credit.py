@@ -110,6 +110,36 @@ def brute_values(tree: Tree, r: np.ndarray, beta: float) -> np.ndarray:
     return out
 
 
+def released_nested_values(tree: Tree, r: np.ndarray, alpha: float = 1.0) -> np.ndarray:
+    """BranchGRPO's compute_node_rewards_from_leaves(use_prob_weighted=True), transcribed on explicit child lists:
+    from the deepest depth up, a node with one child takes its child's reward; with several, the softmax of
+    alpha * (child edge log-prob, 0 when missing) weights its children's rewards. Leaves whose reward failed (NaN)
+    are left out of their parent's softmax (the released code has no failed rewards)."""
+    n = tree.num_nodes
+    kids = {i: [] for i in range(n)}
+    for c in range(n):
+        if tree.parent[c] >= 0:
+            kids[int(tree.parent[c])].append(c)
+    val = {i: float(r[i]) for i in range(n) if not kids[i]}
+    for depth in sorted(set(tree.depth.tolist()), reverse=True):
+        for node in range(n):
+            if tree.depth[node] != depth or not kids[node]:
+                continue
+            ch = kids[node]
+            if len(ch) == 1:
+                val[node] = val[ch[0]]
+                continue
+            ok = [c for c in ch if not math.isnan(val[c])]
+            if not ok:
+                val[node] = math.nan
+                continue
+            lps = [0.0 if math.isnan(float(tree.logp[c])) else float(tree.logp[c]) for c in ok]
+            top = max(alpha * x for x in lps)
+            w = [math.exp(alpha * x - top) for x in lps]
+            val[node] = sum(wi * val[c] for wi, c in zip(w, ok)) / sum(w)
+    return np.array([val[i] for i in range(n)])
+
+
 def brute_advantages(tree: Tree, values: np.ndarray, clip: float) -> np.ndarray:
     """Explicit per-(tree, depth) lists, statistics.stdev (unbiased)."""
     groups = {}
@@ -135,7 +165,8 @@ def group_z(r):
 
 
 # ------------------------------------------------------------------------------------------------ fusion and advantages
-@pytest.mark.parametrize("mode,beta", [("mean", 1.0), ("path", 1.0), ("path", 0.5), ("path", 3.0), ("path", 0.0)])
+@pytest.mark.parametrize("mode,beta", [("mean", 1.0), ("path_leaves", 1.0), ("path_leaves", 0.5), ("path_leaves", 3.0),
+                                       ("path_leaves", 0.0)])
 def test_fused_values_and_advantages_match_brute_force(mode, beta):
     rng = np.random.default_rng(7)
     checked_nan = False
@@ -151,6 +182,32 @@ def test_fused_values_and_advantages_match_brute_force(mode, beta):
             np.testing.assert_allclose(depthwise_advantages(tree, v, clip=clip), brute_advantages(tree, ref_v, clip),
                                        rtol=1e-9, atol=1e-12)
     assert checked_nan, "the random trees never produced a node without a valid leaf"
+
+
+@pytest.mark.parametrize("beta", [1.0, 0.5, 2.0])
+def test_path_fusion_is_the_released_nested_softmax(beta):
+    rng = np.random.default_rng(5)
+    for _ in range(25):
+        tree = random_forest(rng)
+        r = random_leaf_rewards(tree, rng)
+        ref = released_nested_values(tree, r, beta)
+        v = fuse_values(tree, r, "path", beta=beta)
+        np.testing.assert_allclose(v, ref, rtol=1e-10, atol=1e-12, equal_nan=True)
+        np.testing.assert_allclose(depthwise_advantages(tree, v), brute_advantages(tree, ref, 5.0), rtol=1e-9,
+                                   atol=1e-12)
+
+
+def test_path_fusion_uses_split_edges_only():
+    # root -> split into a, b; each continues by one non-split edge to a leaf. The nested form ignores the
+    # non-split log-probs (their single-child nodes pass values up); path_leaves sums them into the path.
+    tree = Tree.empty(1)
+    root = tree.add_nodes([0], -1, 0, -1, False, False)[0]
+    a, b = tree.add_nodes([0, 0], root, 1, 0, True, True, [0.0, math.log(3.0)])
+    la, lb = tree.add_nodes([0, 0], [a, b], 2, 1, True, False, [math.log(5.0), 0.0])
+    r = leaf_vector(tree, [la, lb], [1.0, 5.0])
+    assert fuse_values(tree, r, "path")[root] == pytest.approx((1 + 3 * 5) / 4)
+    assert fuse_values(tree, r, "path_leaves")[root] == pytest.approx((5 * 1 + 3 * 5) / 8)
+    assert fuse_values(tree, r, "path")[a] == 1.0
 
 
 def test_path_fusion_weights_by_path_logprob_by_hand():
@@ -263,7 +320,7 @@ def test_sum_then_norm_and_norm_then_sum_by_hand():
 @pytest.mark.parametrize("aggregate", ["sum_then_norm", "norm_then_sum"])
 def test_multi_reward_on_random_trees_matches_brute_force(aggregate):
     rng = np.random.default_rng(11)
-    cfg = CreditConfig(fusion="path", beta=0.8, adv_clip=2.5, aggregate=aggregate)
+    cfg = CreditConfig(fusion="path_leaves", beta=0.8, adv_clip=2.5, aggregate=aggregate)
     for _ in range(10):
         tree = random_forest(rng)
         ra, rb = random_leaf_rewards(tree, rng), random_leaf_rewards(tree, rng)

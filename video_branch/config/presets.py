@@ -62,7 +62,8 @@ _BRANCH_TREE = {
 }
 _BRANCH = {
     "tree": _BRANCH_TREE,
-    "credit": {"fusion": "path", "beta": 1.0, "adv_clip": 5.0},
+    # The released scripts run mean fusion (TREE_PROB_WEIGHTED=false); fusion: path is their prob-weighted option.
+    "credit": {"fusion": "mean", "beta": 1.0, "adv_clip": 5.0},
     "prune": {"width": "none", "depth_window": 0, "timestep_fraction": 1.0, "exclude_last_step": False},
     "objective": {"name": "clipped", "clip_eps": 1e-3, "kl_coef": 0.0},
     # The released loop steps the optimizer every 12 shuffled edges (gradient_accumulation_steps 12), plus once
@@ -86,7 +87,7 @@ def _with(base: Dict[str, Any], **sections: Dict[str, Any]) -> Dict[str, Any]:
 register_preset(
     "branchgrpo", _BRANCH,
     "BranchGRPO: one root per prompt, splits at steps 0,3,6,9 with K=2 correlated children (c=4), Dance SDE "
-    "(eta 0.3), path-weighted fusion, depth-wise advantages, clip 1e-3.",
+    "(eta 0.3), mean fusion, depth-wise advantages, clip 1e-3, an optimizer step every 12 trained edges.",
 )
 register_preset(
     "branchgrpo_widpru", _with(_BRANCH, prune={"width": "parent_top1"}),

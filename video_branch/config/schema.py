@@ -117,7 +117,10 @@ class RolloutConfig:
 
 @dataclass
 class CreditConfig:
-    fusion: Literal["mean", "path"] = _f("mean", help="reward fusion up the tree")
+    fusion: Literal["mean", "path", "path_leaves"] = _f(
+        "mean", help="reward fusion up the tree: mean over the leaves below; path: at each split a softmax over the "
+        "children by their split-edge log-probs, nested (BranchGRPO's released form); path_leaves: one softmax over "
+        "all leaves below by the summed path log-prob")
     beta: float = _f(1.0, help="temperature of path-weighted fusion (0 = mean)", min=0.0)
     adv_clip: float = _f(5.0, help="clip advantages to [-adv_clip, adv_clip]", min=0.0)
     aggregate: Literal["sum_then_norm", "norm_then_sum"] = _f("sum_then_norm", help="multi-reward aggregation")

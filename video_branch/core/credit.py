@@ -55,20 +55,31 @@ def leaf_vector(tree: Tree, leaf_ids, scores) -> np.ndarray:
     return out
 
 
+FUSIONS = ("mean", "path", "path_leaves")
+
+
 def fuse_values(tree: Tree, leaf_reward, mode: str = "mean", beta: float = 1.0) -> np.ndarray:
-    """Fused node values ``V(n) = sum_{valid leaves l below n} w_l r_l``, ``w = softmax_l(beta * log p(l | n))``.
+    """Fused node values from the leaf rewards, bottom-up.
 
     tree: N nodes. leaf_reward: [N], the reward on leaves, NaN on internal nodes and on leaves whose reward failed.
-    mode: ``"mean"`` (beta = 0, the uniform mean over valid leaves) or ``"path"`` (path-weighted with ``beta``).
-    ``log p(l | n)`` is the sum of the edge log-probs from n down to l; edges without a log-prob (ODE edges) add 0.
+    mode:
+
+    - ``"mean"``: the uniform mean over the valid leaves below n;
+    - ``"path"`` (BranchGRPO's released ``use_prob_weighted``): nested, split by split: a node with one child takes
+      its child's value; a node with several children takes ``sum_c softmax_c(beta * log p(c)) V(c)`` over its
+      children with a valid value, ``log p(c)`` the log-prob of the edge into c alone;
+    - ``"path_leaves"``: ``V(n) = sum_{valid leaves l below n} w_l r_l``, ``w = softmax_l(beta * log p(l | n))``
+      with ``log p(l | n)`` the sum of every edge log-prob from n down to l (split and non-split edges).
+
+    Edges without a log-prob (ODE edges) count as log-prob 0.
     Returns float64 [N]: ``V(leaf) = r``; NaN for nodes without a valid leaf below them.
 
     Since ``log p(l | n) = C(l) - C(n)`` with ``C`` the cumulative log-prob from the root, the softmax over the leaves
     below n only depends on ``beta * C(l)``. Each node keeps a stabilised log-sum-exp triple (max, sum of weights,
     sum of weighted rewards) and merges its children's triples, one depth at a time from the deepest: O(N).
     """
-    if mode not in ("mean", "path"):
-        raise CoreError(f"fuse_values: mode must be 'mean' or 'path', got {mode!r}")
+    if mode not in FUSIONS:
+        raise CoreError(f"fuse_values: mode must be one of {FUSIONS}, got {mode!r}")
     n = tree.num_nodes
     r = _as_array(leaf_reward, "leaf_reward", n)
     leaf = tree.is_leaf
@@ -82,6 +93,8 @@ def fuse_values(tree: Tree, leaf_reward, mode: str = "mean", beta: float = 1.0) 
         raise CoreError(f"fuse_values: beta must be finite, got {beta}")
 
     edge = np.nan_to_num(tree.logp.astype(np.float64), nan=0.0)
+    if mode == "path":
+        return _nested_path_values(tree, r, leaf & np.isfinite(r), edge, b)
     cum = edge.copy()  # C(n): creation order is topological, so parents are final before their children
     for d in range(1, int(tree.depth.max(initial=0)) + 1):
         idx = np.nonzero(tree.depth == d)[0]
@@ -104,6 +117,33 @@ def fuse_values(tree: Tree, leaf_reward, mode: str = "mean", beta: float = 1.0) 
     with np.errstate(invalid="ignore", divide="ignore"):
         v = np.where(s > 0, t / np.where(s > 0, s, 1.0), np.nan)
     v[valid] = r[valid]  # exact, not t / s rounded
+    return v
+
+
+def _nested_path_values(tree: Tree, r: np.ndarray, valid: np.ndarray, edge: np.ndarray, beta: float) -> np.ndarray:
+    """The ``"path"`` fusion of :func:`fuse_values`, one depth at a time from the deepest."""
+    n = tree.num_nodes
+    v = np.where(valid, r, np.nan)
+    for d in range(int(tree.depth.max(initial=0)), 0, -1):
+        kids = np.nonzero(tree.depth == d)[0]
+        par = tree.parent[kids]
+        count = np.bincount(par, minlength=n)
+        one = count[par] == 1
+        v[par[one]] = v[kids[one]]  # a single child passes its value up unchanged
+        many = ~one
+        if not many.any():
+            continue
+        k, p = kids[many], par[many]
+        ok = np.isfinite(v[k])
+        z = np.where(ok, beta * edge[k], -np.inf)
+        m = np.full(n, -np.inf)
+        np.maximum.at(m, p, z)
+        w = np.where(ok, np.exp(z - np.where(np.isfinite(m[p]), m[p], 0.0)), 0.0)
+        sw = np.bincount(p, weights=w, minlength=n)
+        swv = np.bincount(p, weights=w * np.where(ok, v[k], 0.0), minlength=n)
+        ps = np.unique(p)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            v[ps] = np.where(sw[ps] > 0, swv[ps] / np.where(sw[ps] > 0, sw[ps], 1.0), np.nan)
     return v
 
 
