@@ -159,6 +159,8 @@ def main(argv=None) -> None:
     p.add_argument("--max-memory-gb", type=float, default=4.0)
     p.add_argument("--out", default=None, help="JSON file for the results")
     args = p.parse_args(argv)
+    if args.batches < 3:  # before the model is built
+        p.error(f"--batches must be at least 3 (pairs of independent batches), got {args.batches}")
     args.overrides = list(args.overrides or []) + ["logging.tensorboard=false", "logging.progress=false"]
     cfg = config_from_args(args)
     sizes = [float(x) for x in args.step_sizes.split(",") if x.strip()]

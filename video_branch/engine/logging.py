@@ -135,13 +135,19 @@ class RunLogger:
         fig, ax = plt.subplots(figsize=(6, 3.5))
         keys = sorted({k for r in rows for k in r if k.startswith("reward/")})
         window = max(1, min(10, len(rows) // 10))  # per-iteration rewards are noisy: draw a trailing mean over them
-        for k in ["reward_mean", *keys]:
-            xs = [r["iteration"] for r in rows if r.get(k) is not None]
-            ys = [r[k] for r in rows if r.get(k) is not None]
+        def series(k):
+            return [r["iteration"] for r in rows if r.get(k) is not None], [r[k] for r in rows if r.get(k) is not None]
+
+        mean = series("reward_mean")
+        same = [k for k in keys if series(k) == mean]  # a single weight-1 reward equals reward_mean: named in its label
+        for k in [*(k for k in keys if k not in same), "reward_mean"]:  # reward_mean last, on top
+            xs, ys = series(k)
             if xs:
-                (line,) = ax.plot(xs, ys, lw=0.6, alpha=0.35)
-                ax.plot(xs, trailing_mean(ys, window), color=line.get_color(), label=k,
-                        lw=2 if k == "reward_mean" else 1.2)
+                bold = k == "reward_mean"
+                label = f"{k} (= {', '.join(same)})" if bold and same else k
+                (line,) = ax.plot(xs, ys, lw=0.6, alpha=0.35, color="black" if bold else None)
+                ax.plot(xs, trailing_mean(ys, window), color=line.get_color(), label=label, lw=2.2 if bold else 1.2,
+                        zorder=3 if bold else 2)
         ax.set_xlabel("iteration")
         ax.set_ylabel("training reward")
         ax.set_title(f"faint: per iteration; solid: mean of the last {window}", fontsize=8)

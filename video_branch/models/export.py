@@ -5,6 +5,7 @@ file ``WanPipeline.load_lora_weights`` reads)."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -20,6 +21,21 @@ def _barrier() -> None:
         dist.barrier()
 
 
+def _model_files_only(src: Path):
+    """A copytree ``ignore`` that keeps what makes the model: ``model_index.json`` and the component folders it
+    names, except the transformer (written from the policy). The source directory's other files (its own
+    evaluations, training logs, plots) describe the base model, not the trained one."""
+    components = {k for k, v in json.loads((src / "model_index.json").read_text()).items()
+                  if isinstance(v, list) and len(v) == 2 and None not in v}
+
+    def ignore(folder, names):
+        if Path(folder) != src:
+            return []
+        return [n for n in names if n != "model_index.json" and (n not in components or n == "transformer")]
+
+    return ignore
+
+
 def export_pipeline_dir(module, src_dir, out: Path, *, is_main: bool, zero3: bool, lora_scale: float = 0.0) -> Path:
     """Copy the source model directory ``src_dir`` and replace its transformer by ``module``'s weights (gathered
     under ZeRO-3 when ``zero3``); a LoRA ``module`` is merged with ``lora_scale`` (alpha / rank).
@@ -32,7 +48,7 @@ def export_pipeline_dir(module, src_dir, out: Path, *, is_main: bool, zero3: boo
     tmp = out.with_name(out.name + ".partial")
     if is_main:
         shutil.rmtree(tmp, ignore_errors=True)
-        shutil.copytree(src, tmp, ignore=shutil.ignore_patterns("transformer"))
+        shutil.copytree(src, tmp, ignore=_model_files_only(src))
     params = list(module.parameters())
     with deepspeed.zero.GatheredParameters(params, modifier_rank=None, enabled=zero3):
         if is_main:

@@ -1,0 +1,86 @@
+"""Runs that must not go on: every leaf invalid for iterations in a row, and a second run in a directory whose
+first run is still alive (its launcher killed, its ranks orphaned)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+WORKER = ROOT / "tests" / "dist_workers" / "fault_rewards.py"
+DEEPSPEED = Path(sys.executable).parent / "deepspeed"
+SMALL = ["tree.num_steps=6", "tree.split_steps=[0,1,2,3]", "optim.micro_batch=64", "logging.plot_every=0",
+         "train.checkpoint_every=0"]
+pytestmark = pytest.mark.slow
+
+
+def _sets(*sets):
+    return [a for s in (*SMALL, *sets) for a in ("--set", s)]
+
+
+def _env():
+    return dict(os.environ, TQDM_DISABLE="1", PYTHONWARNINGS="ignore")
+
+
+def _port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_a_run_with_no_valid_leaf_stops_with_a_clear_error(tmp_path, tiny_setup):
+    cfg = tiny_setup(tmp_path, "branchgrpo", ["a red square moving down"])
+    run = tmp_path / "run"
+    cmd = [sys.executable, str(WORKER), "--config", str(cfg),
+           *_sets(f"train.run_dir={run}", "reward.components={down_on_ranks: {weight: 1.0, down: [0]}}",
+                  "train.iterations=6", "train.max_invalid_iterations=2")]
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=_env())
+    errors = [x for x in r.stderr.splitlines() if "error:" in x]
+    assert r.returncode == 1, r.stderr[-3000:]
+    assert len(errors) == 1 and "iterations 0-1" in errors[0] and "train.max_invalid_iterations=2" in errors[0], errors
+    assert "Traceback" not in r.stderr
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [(row["iteration"], row["valid_leaves"], row["invalid_leaves"]) for row in rows] == [(0, 0, 16), (1, 0, 16)]
+    assert not (run / "final").exists()  # nothing was learned, so nothing is exported
+
+
+def test_second_run_is_refused_while_an_orphaned_rank_holds_the_directory(tmp_path, tiny_setup):
+    cfg = tiny_setup(tmp_path, "branchgrpo", ["a red square moving down"])
+    run = tmp_path / "run"
+    sets = _sets(f"train.run_dir={run}", "train.iterations=200")
+
+    def launch():
+        return [str(DEEPSPEED), "--num_gpus", "1", "--master_port", str(_port()), "--module", "video_branch.train",
+                "--config", str(cfg), *sets]
+
+    first = subprocess.Popen(launch(), cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                             start_new_session=True)
+    try:
+        metrics = run / "metrics.jsonl"
+        deadline = time.time() + 600
+        while time.time() < deadline and not (metrics.is_file() and metrics.read_text().strip()):
+            assert first.poll() is None, "the first run ended early"
+            time.sleep(0.5)
+        assert metrics.is_file(), "the first run did not train an iteration in time"
+        os.kill(first.pid, signal.SIGKILL)  # the launcher alone; its rank lives on, training
+        first.wait()
+        holder = int((run / ".lock").read_text().split()[1])
+        os.kill(holder, 0)  # the orphaned rank is alive
+        before = sorted(p.name for p in run.iterdir())
+        second = subprocess.run(launch(), cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+        assert second.returncode != 0
+        errors = [x for x in second.stderr.splitlines() if "error:" in x]
+        assert len(errors) == 1 and f"is in use by another run (pid {holder} on " in errors[0], second.stderr[-3000:]
+        assert "loading the models" not in second.stdout
+        assert sorted(p.name for p in run.iterdir()) == before and not list(tmp_path.glob("run.prev-*"))
+        os.kill(holder, 0)  # and the first run's rank was left alone
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)  # the orphaned rank is still in the launcher's session
