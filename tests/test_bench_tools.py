@@ -125,7 +125,7 @@ def test_bench_alignment_budget_curves_target_and_plot(tiny_bench, tmp_path):
     out = tmp_path / "al.json"
     minutes = 0.05
     _run("bench_alignment.py", "--config", str(cfg), "--presets", "dancegrpo,branchgrpo", "--minutes", str(minutes),
-         "--eval-every-s", "1000", "--out", str(out))
+         "--eval-every-s", "1000", "--seeds", "0", "--out", str(out))
     res = json.loads(out.read_text())
     runs = res["runs"]["0"]
     target = runs["dancegrpo"]["curve"][-1]["mean"]

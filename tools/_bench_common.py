@@ -9,6 +9,7 @@ overrides, so the only differences between them are the preset and the variant's
 from __future__ import annotations
 
 import gc
+import json
 import math
 import os
 import platform
@@ -161,3 +162,55 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> s
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(fmt(x) for x in r) + " |" for r in rows]
     return "\n".join(lines)
+
+
+def write_json_atomic(path: str | Path, obj) -> Path:
+    """Write ``obj`` as JSON so that ``path`` holds either the complete old content or the complete new one: a
+    temporary file in the same directory, flushed to disk, then renamed over ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    try:
+        fd = os.open(path.parent, os.O_RDONLY)
+    except OSError:
+        return path
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+    return path
+
+
+# Two-sided 95% quantiles of Student's t, degrees of freedom 1-10; beyond, the Cornish-Fisher expansion below.
+_T975 = (12.706205, 4.302653, 3.182446, 2.776445, 2.570582, 2.446912, 2.364624, 2.306004, 2.262157, 2.228139)
+
+
+def t975(df: int) -> float:
+    """The 0.975 quantile of Student's t with ``df`` degrees of freedom (to 6 digits up to 10, within 2e-4 beyond)."""
+    if df < 1:
+        raise ValueError(f"t975: degrees of freedom must be >= 1, got {df}")
+    if df <= len(_T975):
+        return _T975[df - 1]
+    z = 1.959964
+    return z + (z ** 3 + z) / (4 * df) + (5 * z ** 5 + 16 * z ** 3 + 3 * z) / (96 * df ** 2) + \
+        (3 * z ** 7 + 19 * z ** 5 + 17 * z ** 3 - 15 * z) / (384 * df ** 3)
+
+
+def mean_t_ci(values: Iterable[float]) -> dict[str, float | int | None]:
+    """Mean, the half-width of its 95% Student-t interval, sample sd, min and max of the finite values; the
+    half-width and sd are None with fewer than two values, everything is None with none."""
+    vals = [float(v) for v in values if v is not None and math.isfinite(float(v))]
+    n = len(vals)
+    if n == 0:
+        return {"n": 0, "mean": None, "ci95": None, "sd": None, "min": None, "max": None}
+    mean = sum(vals) / n
+    sd = statistics.stdev(vals) if n > 1 else None
+    ci = t975(n - 1) * sd / math.sqrt(n) if n > 1 else None
+    return {"n": n, "mean": mean, "ci95": ci, "sd": sd, "min": min(vals), "max": max(vals)}
