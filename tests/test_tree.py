@@ -107,15 +107,17 @@ def _sde_steps(method, iteration, overrides=()):
     (450, {1, 2, 3, 4}),
 ])
 def test_mixgrpo_window_slides_one_step_every_25_iterations_and_wraps(iteration, window):
-    spec = _spec("mixgrpo", iteration)
+    # The window that keeps its size (end_offset unset); the preset's released schedule: test_released_mixgrpo.py.
+    spec = _spec("mixgrpo", iteration, ["tree.window.end_offset=null"])
     assert set(spec.sde_steps) == window
     assert all(k == "ode" for i, k in enumerate(spec.kinds) if i not in window)
 
 
 def test_window_without_wrap_stays_at_the_last_position():
-    assert _sde_steps("mixgrpo", 10_000, ["tree.window.wrap=false"]) == {16, 17, 18, 19}
+    keep = ["tree.window.end_offset=null"]
+    assert _sde_steps("mixgrpo", 10_000, keep + ["tree.window.wrap=false"]) == {16, 17, 18, 19}
     # Stride 2 from start 3 every 10 iterations: a 4-step window fits at starts 3..16 (14 positions).
-    o = ["tree.window.start=3", "tree.window.stride=2", "tree.window.slide_interval=10"]
+    o = keep + ["tree.window.start=3", "tree.window.stride=2", "tree.window.slide_interval=10"]
     assert _sde_steps("mixgrpo", 19, o) == {5, 6, 7, 8}      # offset 2
     assert _sde_steps("mixgrpo", 60, o) == {15, 16, 17, 18}  # offset 12
     assert _sde_steps("mixgrpo", 70, o) == {3, 4, 5, 6}      # offset 14 wraps to 0
@@ -124,7 +126,7 @@ def test_window_without_wrap_stays_at_the_last_position():
 
 
 def test_window_that_does_not_fit_names_the_key():
-    cfg = load_config(None, [], method="mixgrpo")
+    cfg = load_config(None, ["tree.window.end_offset=null"], method="mixgrpo")
     cfg.tree.window.start = 18
     # The core names its own argument; the config layer names the key, and rejects it when the config loads.
     with pytest.raises(CoreError, match="window.start: a window of 4 steps from step 18"):
@@ -132,7 +134,10 @@ def test_window_that_does_not_fit_names_the_key():
     with pytest.raises(ConfigError, match="config key 'tree.window.start': a window of 4 steps from step 18"):
         tree_spec(cfg, 0)
     with pytest.raises(ConfigError, match="tree.window.start"):
-        load_config(None, ["tree.window.start=18"], method="mixgrpo")
+        load_config(None, ["tree.window.start=18", "tree.window.end_offset=null"], method="mixgrpo")
+    # With MixGRPO's cut before step 18 the window may start up to step 18 (where it is empty), not after.
+    with pytest.raises(ConfigError, match="tree.window.start.*end_offset=2"):
+        load_config(None, ["tree.window.start=19"], method="mixgrpo")
 
 
 def test_branchgrpo_mix_kinds_are_splits_plus_window():

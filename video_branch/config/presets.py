@@ -62,6 +62,8 @@ _BRANCH_TREE = {
 }
 _BRANCH = {
     "tree": _BRANCH_TREE,
+    # The released code decodes the last step's x0_hat; an SDE last step's own latent still carries its noise.
+    "rollout": {"reward_on": "x0_hat"},
     # The released scripts run mean fusion (TREE_PROB_WEIGHTED=false); fusion: path is their prob-weighted option.
     "credit": {"fusion": "mean", "beta": 1.0, "adv_clip": 5.0},
     "prune": {"width": "none", "depth_window": 0, "timestep_fraction": 1.0, "exclude_last_step": False},
@@ -117,6 +119,7 @@ _SEQ_TREE = {
 }
 _DANCE = {
     "tree": _SEQ_TREE,
+    "rollout": {"reward_on": "x0_hat"},  # DanceGRPO decodes the last step's x0_hat
     "credit": {"fusion": "mean", "beta": 0.0, "adv_clip": 5.0},
     "prune": {"width": "none", "depth_window": 0, "timestep_fraction": 0.6, "exclude_last_step": True},
     "objective": {"name": "clipped", "clip_eps": 1e-4, "kl_coef": 0.0},
@@ -130,18 +133,31 @@ register_preset(
     "group z-score, timestep fraction 0.6, last step not trained, clip 1e-4.",
 )
 register_preset(
+    "dancegrpo_shared",
+    _with(_DANCE, tree={"roots": 1, "split_steps": [0], "branching": 16, "split_noise": "independent"}),
+    "DanceGRPO with one initial noise per group (--init_same_noise, 8 of its 9 scripts): one root whose first step "
+    "branches 16 ways with independent noise, so the shared first evaluation runs once (1 + 16 x 19 = 305 forward "
+    "passes per prompt instead of 320); every chain draws its own trained steps.",
+)
+register_preset(
     "mixgrpo",
-    _with(_DANCE, tree={"base_kind": "ode", "window": {"size": 4, "start": 0, "slide_interval": 25, "wrap": True}},
+    # MixGRPO's script samples the window with the Flow-GRPO SDE (eta 0.7); its window stops before step N - 2.
+    _with(_DANCE, tree={"base_kind": "ode", "sde_form": "flow", "eta": 0.7,
+                        "window": {"size": 4, "start": 0, "slide_interval": 25, "wrap": True, "end_offset": 2}},
           prune={"timestep_fraction": 1.0, "exclude_last_step": False},
           optim={"minibatch": 4}),  # MixGRPO's script: 12 chains, a step every 3 -> 4 steps per rollout
-    "MixGRPO: 16 chains, a window of 4 SDE steps from step 0 sliding one step every 25 iterations, ODE elsewhere; "
-    "only the window is trained.",
+    "MixGRPO: 16 chains, a window of 4 Flow-GRPO SDE steps (a = 0.7) from step 0 sliding one step every 25 "
+    "iterations through 19 positions, cut before step 18 (sizes 3, 2, 1, then empty), ODE elsewhere; only the "
+    "window is trained.",
 )
 _FLOW = _with(
     _DANCE,
     tree={"num_steps": 10, "roots": 24, "sde_form": "flow", "eta": 0.7},
     prune={"timestep_fraction": 1.0, "exclude_last_step": True},
-    objective={"clip_eps": 1e-4, "kl_coef": 0.04},
+    # Flow-GRPO's KL divides by 2 std_dev_t^2 = 2 sd^2 / |ds|; the reward sees the last step's x0_hat (on Wan's
+    # schedule the last SDE step starts at s = 0.25 and leaves noise; Flow-GRPO's own schedule ends nearly clean).
+    objective={"clip_eps": 1e-4, "kl_coef": 0.04, "kl_form": "flow_grpo"},
+    credit={"std": "global"},  # config/grpo.py ships sample.global_std = True
     # Flow-GRPO accumulates over half of an epoch's samples: 2 optimizer steps per epoch (24 chains, 12 per step).
     optim={"minibatch": 12, "minibatch_by": "chain"},
 )
@@ -179,6 +195,7 @@ register_preset(
 # The whole generation is one action: rollouts are ODE chains (no SDE edge is trained) and the objective trains on the
 # final samples through noised (t, eps) pairs (video_branch.phases, "samples").
 _ODE_GROUP = _with(_DANCE, tree={"base_kind": "ode"}, prune={"timestep_fraction": 1.0, "exclude_last_step": False},
+                   rollout={"reward_on": "final"},  # an ODE last step to s = 0 lands on x0_hat
                    optim={"minibatch": 0, "minibatch_by": "edge"})  # not compared with released code: one step
 register_preset(
     "vgrpo",

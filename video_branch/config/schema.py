@@ -72,6 +72,10 @@ class WindowConfig:
     slide_interval: int = _f(25, help="iterations between window moves", min=1)
     stride: int = _f(1, help="steps the window moves each time", min=0)
     wrap: bool = _f(True, help="wrap the window to `start` after the last step")
+    end_offset: Optional[int] = _f(None, help="MixGRPO's schedule: steps from num_steps - end_offset on are never in "
+                                   "the window; its start cycles through start .. num_steps - end_offset and it is "
+                                   "cut there (it shrinks near the end, empty at the last position); None: the "
+                                   "window keeps its size", min=0)
 
 
 @dataclass
@@ -124,11 +128,19 @@ class CreditConfig:
     beta: float = _f(1.0, help="temperature of path-weighted fusion (0 = mean)", min=0.0)
     adv_clip: float = _f(5.0, help="clip advantages to [-adv_clip, adv_clip]", min=0.0)
     aggregate: Literal["sum_then_norm", "norm_then_sum"] = _f("sum_then_norm", help="multi-reward aggregation")
+    std: Literal["group", "global"] = _f("group", help="what advantages divide by: group (the std of each tree's "
+                                         "depth) or global (the std, ddof 0, of every reward of the batch over all "
+                                         "ranks, plus 1e-4: Flow-GRPO's global_std)")
 
 
 @dataclass
 class PruneConfig:
-    width: Literal["none", "parent_top1", "extreme_b"] = _f("none", help="width pruning after the last split")
+    width: Literal["none", "parent_top1", "extreme_b", "released_branch", "released_pool"] = _f(
+        "none", help="width pruning after the last split: parent_top1 (the better child of each last-split parent "
+        "keeps its chain), extreme_b, or BranchGRPO's released modes 1 (released_branch: per chain, the first "
+        "width_ratio of its edges) and 2 (released_pool: the best and worst width_ratio of the pooled edges)")
+    width_ratio: float = _f(0.5, help="released_branch/released_pool: share of the post-split edges kept",
+                            min=0.0, max=1.0)
     width_b: int = _f(1, help="extreme_b: best and worst chains kept", min=1)
     depth_window: int = _f(0, help="depth pruning: depths dropped from backprop (0 = off)", min=0)
     depth_start: Optional[int] = _f(None, help="first pruned depth at iteration 0 (default: after the last split)",
@@ -146,6 +158,9 @@ class ObjectiveConfig:
     name: str = _f("clipped", help="registered objective")
     clip_eps: float = _f(1e-3, help="ratio clip range", min=0.0)
     kl_coef: float = _f(0.0, help="KL to the frozen reference", min=0.0)
+    kl_form: Literal["transition", "flow_grpo"] = _f(
+        "transition", help="what the KL's ||mu - mu_ref||^2 is divided by: transition (2 sd^2, the transition "
+        "variance) or flow_grpo (2 std_dev_t^2 = 2 sd^2 / |ds|, Flow-GRPO's released scaling)")
     ratio_norm: bool = _f(False, help="GRPO-Guard ratio normalisation")
     logprob_reduce: Literal["mean", "sum"] = _f("mean", help="reduction of the transition log-prob over elements")
     pairs: int = _f(4, help="sample-level objectives (vgrpo, nft): (t, eps) pairs per final sample, shared by the "

@@ -19,7 +19,8 @@ from ..core.tree import TreeSpec, accounting, build_structure, draw_split_step, 
 from .errors import ConfigError
 
 # The core's argument names and the config keys they come from.
-_KEYS = {"window.start": "tree.window.start", "random split low/high": "tree.random_split.low/high"}
+_KEYS = {"window.start": "tree.window.start", "window.end_offset": "tree.window.end_offset",
+         "random split low/high": "tree.random_split.low/high"}
 
 
 def _config_error(e: CoreError) -> ConfigError:

@@ -8,7 +8,7 @@ backward pass (ranks stay in lockstep) but carries no signal.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -147,16 +147,25 @@ def _nested_path_values(tree: Tree, r: np.ndarray, valid: np.ndarray, edge: np.n
     return v
 
 
-def depthwise_advantages(tree: Tree, values, clip: float = 5.0) -> np.ndarray:
+GLOBAL_STD_EPS = 1e-4  # added to the batch std (Flow-GRPO's global_std)
+
+
+def depthwise_advantages(tree: Tree, values, clip: float = 5.0, std: float | None = None) -> np.ndarray:
     """Depth-wise z-score of node values within each tree.
 
     values: [N]. For every (tree, depth), over the nodes with a finite value:
     ``A = (V - mean) / (std + 1e-8)`` with the unbiased std. A (tree, depth) with fewer than two valid nodes or with
     std < 1e-6 gets A = 0; nodes with a NaN value get A = 0. The result is clipped to ``[-clip, clip]``.
     Returns float64 [N]; the edge parent -> child takes ``A(child)``.
+
+    ``std``: divide every deviation from its (tree, depth) mean by this one number instead (Flow-GRPO's
+    ``global_std``: the std of every reward of the batch plus 1e-4); nodes with a NaN value still get A = 0.
     """
     n = tree.num_nodes
     v = _as_array(values, "values", n)
+    override = None if std is None else float(std)
+    if override is not None and not override > 0:
+        raise CoreError(f"depthwise_advantages: std must be > 0, got {std}")
     if not clip >= 0:
         raise CoreError(f"depthwise_advantages: clip must be >= 0, got {clip}")
     ok = np.isfinite(v)
@@ -170,6 +179,8 @@ def depthwise_advantages(tree: Tree, values, clip: float = 5.0) -> np.ndarray:
     dev = np.where(ok, v - mean[g], 0.0)  # two passes: no cancellation for large, close values
     var = np.bincount(g, weights=dev * dev, minlength=ng) / np.maximum(cnt - 1.0, 1.0)
     std = np.sqrt(var)
+    if override is not None:
+        return np.clip(np.where(ok, dev / override, 0.0), -clip, clip)
     live = (cnt >= 2) & (std >= STD_FLOOR)
     adv = np.where(ok & live[g], dev / (std[g] + STD_EPS), 0.0)
     return np.clip(adv, -clip, clip)
@@ -186,6 +197,7 @@ def assign_credit(
     leaf_rewards: Mapping[str, Any],
     weights: Mapping[str, float],
     cfg_credit: Any,
+    batch_std: Callable[[np.ndarray], float] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Values and advantages of every node from one or more leaf rewards.
 
@@ -196,6 +208,11 @@ def assign_credit(
     - ``sum_then_norm``: ``r = sum_k w_k r_k`` per leaf (a leaf is invalid if any component with nonzero weight is
       NaN), then fuse and normalise ``r``.
     - ``norm_then_sum``: fuse and normalise each ``r_k`` on its own (unclipped), ``A = sum_k w_k A_k``, then clip.
+
+    With ``cfg_credit.std == "global"`` (Flow-GRPO's ``global_std``) every deviation is divided by
+    ``batch_std(valid leaf rewards) + 1e-4`` instead of its depth's std; ``batch_std`` returns the std (ddof 0) of
+    the rewards of the whole batch, all ranks (the engine all-reduces; it is called once per normalised reward, the
+    same number of times on every rank).
 
     Components with weight 0 take no part (a reward that is only logged may fail without invalidating a leaf).
     Returns ``(values [N], advantages [N])``, float64; ``values`` are the fused values of the weighted sum in both
@@ -224,11 +241,24 @@ def assign_credit(
         total = total + float(weights[k]) * comps[k]  # NaN in any used component makes the leaf invalid
     if not used:
         total[:] = np.nan
+    std_mode = _cfg_get(cfg_credit, "std", "group")
+    if std_mode not in ("group", "global"):
+        raise CoreError(f"credit.std: expected 'group' or 'global', got {std_mode!r}")
+    if std_mode == "global" and batch_std is None:
+        raise CoreError("credit.std=global needs batch_std, the std of the batch's rewards over all ranks")
+    leaf = tree.is_leaf
+
+    def scale(r: np.ndarray) -> float | None:
+        if std_mode == "group":
+            return None
+        sd = float(batch_std(r[leaf & np.isfinite(r)]))
+        return sd + GLOBAL_STD_EPS if np.isfinite(sd) else None  # no valid reward anywhere: every A is 0
+
     values = fuse_values(tree, total, mode=fusion, beta=beta)
     if aggregate == "sum_then_norm":
-        return values, depthwise_advantages(tree, values, clip=clip)
+        return values, depthwise_advantages(tree, values, clip=clip, std=scale(total))
     adv = np.zeros(n)
     for k in used:
         vk = fuse_values(tree, comps[k], mode=fusion, beta=beta)
-        adv += float(weights[k]) * depthwise_advantages(tree, vk, clip=np.inf)
+        adv += float(weights[k]) * depthwise_advantages(tree, vk, clip=np.inf, std=scale(comps[k]))
     return values, np.clip(adv, -clip, clip)

@@ -79,6 +79,24 @@ def guard_log_ratio(log_ratio: torch.Tensor, mean_new: torch.Tensor, mean_old: t
     return sd * (log_ratio + d2 / (2 * sd.pow(2)))
 
 
+KL_FORMS = ("transition", "flow_grpo")
+
+
+def kl_std(form: str, std: torch.Tensor, s: torch.Tensor, s_next: torch.Tensor) -> torch.Tensor:
+    """[E]: the std the KL term of :func:`clipped_ratio` divides by, per edge.
+
+    ``"transition"``: the transition std ``sd``. ``"flow_grpo"``: Flow-GRPO's ``std_dev_t = sd / sqrt(|ds|)`` (for
+    its SDE form ``a * sqrt(s / (1 - s))``), which makes the KL ``|ds|`` times the transition form's.
+    std: [E] or [E, 1, ...]; s, s_next: [E].
+    """
+    sd = std.reshape(std.shape[0], -1)[:, 0].float()
+    if form == "transition":
+        return sd
+    if form == "flow_grpo":
+        return sd / (s.float() - s_next.float()).abs().sqrt().to(sd)
+    raise CoreError(f"objective.kl_form: expected one of {KL_FORMS}, got {form!r}")
+
+
 @register_objective("clipped")
 def clipped_ratio(
     logp_new: torch.Tensor,
@@ -92,12 +110,14 @@ def clipped_ratio(
     mean_ref: Optional[torch.Tensor] = None,
     std: Optional[torch.Tensor] = None,
     ratio_norm: bool = False,
+    kl_std: Optional[torch.Tensor] = None,
 ) -> ObjectiveOut:
     """``L_e = -min(rho A, clip(rho, 1-eps, 1+eps) A)`` averaged over edges, plus ``kl_coef * KL``.
 
     logp_new, logp_old, advantages: [E]. ``mean_*``: [E, C, F, H, W] transition means (new policy, rollout
     policy, frozen reference); ``std``: [E] transition std. KL to the reference is
-    ``||mu_theta - mu_ref||^2 / (2 sd^2)`` averaged over elements.
+    ``||mu_theta - mu_ref||^2 / (2 sd^2)`` averaged over elements, with ``sd = kl_std`` when given (see
+    :func:`kl_std`), else the transition std.
     """
     log_ratio = logp_new.float() - logp_old.float()
     if ratio_norm:
@@ -113,7 +133,7 @@ def clipped_ratio(
     if kl_coef > 0:
         if mean_new is None or mean_ref is None or std is None:
             raise CoreError("objective.kl_coef > 0 needs the reference transition means and the std")
-        sd = std.reshape(std.shape[0], -1)[:, 0].float()
+        sd = (std if kl_std is None else kl_std).reshape(std.shape[0], -1)[:, 0].float()
         kl = ((mean_new.float() - mean_ref.float()).pow(2).flatten(1).mean(1) / (2 * sd.pow(2))).mean()
         loss = loss + kl_coef * kl
     frac = ((ratio - 1.0).abs() > clip_eps).float().mean()

@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from .errors import CoreError
+from .minibatch import chain_ids
 from .tree import Tree
 
 
@@ -162,7 +163,68 @@ def _width_rule(tree: Tree, values: np.ndarray, p: Any) -> np.ndarray:
                 kept_leaves.append(np.concatenate([order[:b], order[order.size - b:]]))
         chains = _mark_chains(tree, np.concatenate(kept_leaves) if kept_leaves else np.zeros(0, np.int64))
         return ~post | chains
-    raise CoreError(f"prune.width: expected 'none', 'parent_top1' or 'extreme_b', got {p.width!r}")
+    raise CoreError(f"prune.width: expected one of {WIDTH_MODES}, got {p.width!r}")
+
+
+WIDTH_MODES = ("none", "parent_top1", "extreme_b", "released_branch", "released_pool")
+
+
+def dfs_order(tree: Tree) -> np.ndarray:
+    """int64 [N]: each node's position in a pre-order walk (tree by tree, children in creation order), the order in
+    which BranchGRPO's released code collects its training samples."""
+    order = np.empty(tree.num_nodes, dtype=np.int64)
+    stack = list(np.nonzero(tree.parent < 0)[0][::-1])
+    kids = tree.children
+    i = 0
+    while stack:
+        n = int(stack.pop())
+        order[n] = i
+        i += 1
+        stack.extend(kids[n][::-1].tolist())
+    return order
+
+
+def _released_width_rule(tree: Tree, sel: np.ndarray, advantages: np.ndarray, p: Any) -> np.ndarray:
+    """BranchGRPO's released width pruning (``width_pruning_mode`` 1 and 2) on the selected edges after the last
+    split step (child step > last split step), ``ratio = prune.width_ratio``:
+
+    - ``released_branch`` (mode 1): per chain (the last split's child it descends from), sort its edges by
+      advantage, descending and stable in collection order, and keep ``max(1, int(len * ratio))``. The edges of a
+      chain carry one advantage, so this keeps the chain's first edges: a depth cut in effect.
+    - ``released_pool`` (mode 2): pool those edges over every tree of the batch, sort likewise and keep the best
+      ``k // 2`` and the worst ``k - k // 2``, ``k = max(2, int(total * ratio))``.
+
+    Counts depend on the structure and the ratio only.
+    """
+    split_depth = _last_split_depth(tree)
+    if np.any(split_depth == 0):
+        raise CoreError(f"prune.width={p.width} needs a split step in every tree")
+    post = sel & (tree.depth > split_depth[tree.tree])  # edges of the steps after the last split step
+    key = _rank_key(advantages)
+    dfs = dfs_order(tree)
+    ratio = float(p.width_ratio)
+    keep = sel & ~post
+    cand = np.nonzero(post)[0]
+    if p.width == "released_branch":
+        below = np.full(tree.num_nodes, -1, dtype=np.int64)
+        at = tree.depth == split_depth[tree.tree]
+        below[at] = np.nonzero(at)[0]
+        for n in range(tree.num_nodes):
+            if tree.depth[n] > split_depth[tree.tree[n]]:
+                below[n] = below[tree.parent[n]]
+        for g in np.unique(below[cand]):
+            group = cand[below[cand] == g]
+            group = group[np.argsort(dfs[group], kind="stable")]
+            ranked = group[np.argsort(-key[group], kind="stable")]
+            keep[ranked[: max(1, int(group.size * ratio))]] = True
+        return keep
+    cand = cand[np.argsort(dfs[cand], kind="stable")]
+    ranked = cand[np.argsort(-key[cand], kind="stable")]
+    k = max(2, int(ranked.size * ratio))
+    best = k // 2
+    keep[ranked[:best]] = True
+    keep[ranked[ranked.size - (k - best):]] = True
+    return keep
 
 
 def _best_of_n_rule(tree: Tree, advantages: np.ndarray, p: Any) -> np.ndarray:
@@ -198,7 +260,9 @@ def _permutation(k: int, generator: Any) -> np.ndarray:
 def _timestep_rule(tree: Tree, sel: np.ndarray, fraction: float, generator: Any) -> np.ndarray:
     """Keep, per root, the edges of a random ``floor(fraction * n_eligible)`` of its eligible steps.
 
-    Eligible steps are the steps with at least one selected edge in the root's subtree. When steps differ in how many
+    Eligible steps are the steps with at least one selected edge in the root's subtree. When every selected edge of
+    a root lies below its tree's last split (a group sharing one initial noise that branches at step 0), each chain
+    draws its own steps instead, as DanceGRPO's per-sample permutation does. When steps differ in how many
     edges they carry (a branching tree), the draw is stratified by that count, with the quota of each stratum fixed
     by the largest-remainder rule, so that the number of trained edges does not depend on the draw. For a chain (one
     stratum) this is a uniform random subset of the steps, as in DanceGRPO.
@@ -207,8 +271,16 @@ def _timestep_rule(tree: Tree, sel: np.ndarray, fraction: float, generator: Any)
         generator = np.random.default_rng()
     keep = np.zeros(tree.num_nodes, bool)
     root = tree.root_of()
+    chain = chain_ids(tree)
+    units = []
     for r in np.nonzero(tree.parent < 0)[0]:
         mine = sel & (root == r)
+        below = np.unique(chain[mine])
+        if below.size > 1 and below.min() >= 0:  # every selected edge on one chain: draw per chain, as DanceGRPO
+            units.extend(mine & (chain == c) for c in below)
+        else:
+            units.append(mine)
+    for mine in units:
         steps, counts = np.unique(tree.step[mine], return_counts=True)
         if steps.size == 0:
             continue
@@ -257,7 +329,10 @@ def select_trained_edges(
     if not 0.0 <= float(p.timestep_fraction) <= 1.0:
         raise CoreError(f"prune.timestep_fraction: expected a value in [0, 1], got {p.timestep_fraction}")
     sel = _step_rules(tree, cfg, iteration)
-    sel &= _width_rule(tree, v, p)
+    if p.width in ("released_branch", "released_pool"):
+        sel = _released_width_rule(tree, sel, a, p)
+    else:
+        sel &= _width_rule(tree, v, p)
     sel &= _best_of_n_rule(tree, a, p)
     if float(p.timestep_fraction) < 1.0:
         sel = _timestep_rule(tree, sel, float(p.timestep_fraction), generator)

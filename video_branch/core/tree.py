@@ -293,11 +293,27 @@ def window_steps(window, num_steps: int, iteration: int, start: Optional[int] = 
     The window starts at ``start + stride * (iteration // slide_interval)``. With ``wrap`` it cycles through the
     positions where it fits (``start .. num_steps - size``) and jumps back to ``start`` after the last one; without,
     it stops at the last position. ``start`` defaults to ``window.start``.
+
+    With ``window.end_offset = e`` (MixGRPO's released schedule, e = 2) the steps from ``num_steps - e`` on are never
+    in the window: its start cycles through ``start .. num_steps - e`` and it is cut there, so near the end it
+    shrinks (to size - 1, ..., 1 steps) and at the last position it is empty.
     """
     size = window.size
     if size == 0:
         return range(0)
     first = window.start if start is None else start
+    end_offset = getattr(window, "end_offset", None)
+    if end_offset is not None:
+        # MixGRPO's schedule: the window is cut at `stop` (it shrinks near it and is empty at the last position),
+        # and its start cycles through first .. stop.
+        stop = num_steps - int(end_offset)
+        if not 0 <= first <= stop:
+            raise CoreError(f"window.start: the window starts at step {first}, beyond step {stop} where "
+                            f"window.end_offset={end_offset} cuts it; expected start <= {stop}")
+        offset = window.stride * (iteration // window.slide_interval)
+        positions = stop - first + 1
+        offset = offset % positions if window.wrap else min(offset, positions - 1)
+        return range(first + offset, min(first + offset + size, stop))
     if first + size > num_steps:
         raise CoreError(
             f"window.start: a window of {size} steps from step {first} does not fit in "

@@ -45,7 +45,7 @@ import torch
 from ..config.specs import tree_spec, update_schedule
 from ..core.minibatch import chain_ids, plan_minibatches
 from ..core.nft import ema_update_
-from ..core.objectives import SampleBatch
+from ..core.objectives import SampleBatch, kl_std
 from ..core.surrogate import draw_pairs, noised, pair_generator
 from ..core.tree import accounting
 from ..parallel.collectives import all_mean
@@ -219,11 +219,12 @@ def _train_edges(trainer, iteration: int, res, adv: np.ndarray, trained: np.ndar
                         for edge_id, m_old in zip(ids.tolist(), mean.detach().cpu()):
                             old_means[edge_id] = m_old
                     mean_old = torch.stack([old_means[i] for i in ids.tolist()]).to(mean)
+                std_e = std.expand(len(ids), *([1] * (x.dim() - 1)))
                 out = trainer.objective(logp, logp_old, torch.as_tensor(adv[ids], dtype=torch.float32, device=dev),
                                         clip_eps=cfg.objective.clip_eps, kl_coef=cfg.objective.kl_coef,
-                                        mean_new=mean, mean_old=mean_old, mean_ref=mean_ref,
-                                        std=std.expand(len(ids), *([1] * (x.dim() - 1))),
-                                        ratio_norm=cfg.objective.ratio_norm)
+                                        mean_new=mean, mean_old=mean_old, mean_ref=mean_ref, std=std_e,
+                                        ratio_norm=cfg.objective.ratio_norm,
+                                        kl_std=kl_std(cfg.objective.kl_form, std_e, s, e.s_next))
                 stats.ratio(out.ratio)
                 # Weight each micro-batch by its share of the mini-batch's edges. SP ranks hold token shards of the
                 # same samples: DeepSpeed's mean over all ranks times sp_size is the mean over data-parallel members

@@ -31,7 +31,7 @@ from ..core.stats import paired_change
 from ..data import iteration_prompts, tree_seed
 from ..models.export import export_pipeline_dir
 from ..models.lora import lora_scale
-from ..parallel.collectives import all_mean
+from ..parallel.collectives import all_mean, all_std
 from ..parallel.groups import Dist, init_distributed
 from ..parallel.lockstep import check_lockstep
 from . import checkpoint as ckpt
@@ -177,7 +177,8 @@ class Trainer:
                                decode_batch=cfg.rollout.decode_batch)
         t2 = time.perf_counter()
         named = {k: rewards[k] for k in self.weights}  # the weighted components; sub-scores are logged only
-        values, adv = assign_credit(res.tree, named, self.weights, cfg.credit)
+        values, adv = assign_credit(res.tree, named, self.weights, cfg.credit,
+                                    batch_std=lambda r: all_std(d, r))  # credit.std: global
         trained = select_trained_edges(res.tree, values, adv, cfg, it, np.random.default_rng([cfg.train.seed, it,
                                                                                                d.dp_rank, 0xED6E]))
         trained &= survivor_edges(res.tree, res.spec)

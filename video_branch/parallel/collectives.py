@@ -51,3 +51,19 @@ def sp_shared(d: Dist, fn: Callable[[], T]) -> T:
     box = [fn() if d.sp_rank == 0 else None]
     dist.broadcast_object_list(box, src=d.rank - d.sp_rank, group=d.sp_group)
     return box[0]
+
+
+def all_std(d: Dist, values) -> float:
+    """Standard deviation (ddof 0) of the finite ``values`` of every rank together (one all-reduce of count, sum
+    and sum of squares, in float64). The ranks of a sequence-parallel group hold the same values; counting them
+    once per rank leaves the std unchanged."""
+    v = torch.as_tensor(values, dtype=torch.float64).reshape(-1)
+    v = v[torch.isfinite(v)]
+    s = torch.stack([torch.tensor(float(v.numel()), dtype=torch.float64), v.sum(), (v * v).sum()])
+    if d.world_size > 1:
+        dist.all_reduce(s)
+    n, total, sq = (float(x) for x in s)
+    if n == 0:
+        return float("nan")
+    mean = total / n
+    return max(sq / n - mean * mean, 0.0) ** 0.5
