@@ -53,17 +53,69 @@ def _peak_rss() -> int:
 
 
 class SavedActivations:
-    """Counts the distinct storages autograd saves for backward while active, parameters excluded."""
+    """Counts the distinct storages autograd saves for backward while active, parameters excluded.
+
+    With `attribute(blocks)`, each storage is also labelled by the transformer block whose forward first saved it
+    (`block<i>`, else `outer`), and the tensors a block receives as inputs are recorded as `held` (what gradient
+    checkpointing keeps alive between forward and backward instead of the block's saved tensors).
+    """
 
     def __init__(self, params):
         self._params = {p.untyped_storage().data_ptr() for p in params}
         self.storages: dict[int, int] = {}
+        self.labels: dict[int, str] = {}
+        self.held: dict[int, tuple[int, str]] = {}
+        self._label = "outer"
 
     def _pack(self, t: torch.Tensor):
         s = t.untyped_storage()
         if s.data_ptr() not in self._params and s.device.type != "meta":
             self.storages[s.data_ptr()] = s.nbytes()
+            self.labels.setdefault(s.data_ptr(), self._label)
         return t
+
+    def attribute(self, blocks) -> list:
+        """Label saved storages by block and record block inputs; returns the hook handles (remove them after)."""
+        handles = []
+
+        def tensors(obj):
+            if torch.is_tensor(obj):
+                yield obj
+            elif isinstance(obj, (tuple, list)):
+                for o in obj:
+                    yield from tensors(o)
+
+        for i, block in enumerate(blocks):
+            def pre(module, args, kwargs, i=i):
+                self._label = f"block{i}"
+                for t in tensors((args, tuple(kwargs.values()))):
+                    s = t.untyped_storage()
+                    if s.data_ptr() not in self._params:
+                        self.held.setdefault(s.data_ptr(), (s.nbytes(), f"block{i}"))
+
+            def post(module, args, output):
+                self._label = "outer"
+
+            handles.append(block.register_forward_pre_hook(pre, with_kwargs=True))
+            handles.append(block.register_forward_hook(post))
+        return handles
+
+    def by_label(self, exclude_held: bool = False) -> dict[str, int]:
+        """Saved bytes by label; `exclude_held` leaves out block inputs (counted by `held_by_label` instead)."""
+        out: dict[str, int] = {}
+        for ptr, n in self.storages.items():
+            if not (exclude_held and ptr in self.held):
+                out[self.labels[ptr]] = out.get(self.labels[ptr], 0) + n
+        return out
+
+    def held_by_label(self, include_saved: bool = False) -> dict[str, int]:
+        """Bytes of block inputs by the first block that received them; unless `include_saved`, only those that
+        are not also saved tensors."""
+        out: dict[str, int] = {}
+        for ptr, (n, label) in self.held.items():
+            if include_saved or ptr not in self.storages:
+                out[label] = out.get(label, 0) + n
+        return out
 
     def hooks(self):
         return torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
@@ -87,6 +139,276 @@ def _flow_matching_loss(model, latents, text, t):
     pred = model(hidden_states=x_t, timestep=torch.full((latents.shape[0],), 1000.0 * t, device=latents.device),
                  encoder_hidden_states=text, return_dict=False)[0]
     return torch.nn.functional.mse_loss(pred, noise - latents)
+
+
+# ------------------------------------------------------------------------------------------ real-width calibration
+CALIBRATION_POINTS = ((2, 8, 8, 16), (2, 16, 16, 16), (2, 8, 8, 64), (2, 16, 16, 64))  # latent F', h, w; text L
+LORA_RANK = 64
+
+
+def real_transformer(size: str, num_layers: int, dtype: str, lora_rank: int = 0, seed: int = 0):
+    """A random WanTransformer3DModel at the real width of `size` with `num_layers` blocks, in `dtype` (Wan's float32
+    modules kept in float32, as `from_pretrained(dtype=...)` does), optionally under LoRA on the attention."""
+    from diffusers import WanTransformer3DModel
+
+    from video_branch.models.real_shapes import transformer_config
+    from video_branch.models.wan import resolve_dtype
+
+    torch.manual_seed(seed)
+    model = WanTransformer3DModel(**transformer_config(size, num_layers))
+    keep = model._keep_in_fp32_modules or ()
+    target = resolve_dtype(dtype)
+    for name, p in model.named_parameters():
+        if not any(k in name.split(".") for k in keep):
+            p.data = p.data.to(target)
+    if lora_rank:
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=lora_rank, lora_alpha=lora_rank,
+                                                 target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    return model.train()
+
+
+def _base(model):
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def measure_saved(model, batch: int, latent_fhw, text_len: int, checkpointing: bool, seed: int = 0) -> dict:
+    """Bytes kept for backward by one forward + flow-matching loss of `batch` latents [16, F', h, w] against
+    `text_len` text tokens: autograd's saved tensors (parameters excluded) by block, plus, with gradient
+    checkpointing, the block inputs the checkpoints hold. `total` is what stays alive from forward to backward."""
+    from video_branch.models.wan import module_dtype_device
+
+    base = _base(model)
+    if checkpointing:
+        base.enable_gradient_checkpointing()
+    else:
+        base.disable_gradient_checkpointing()
+    dtype, device = module_dtype_device(base)
+    g = torch.Generator().manual_seed(seed)
+    latents = torch.randn(batch, 16, *latent_fhw, generator=g).to(device, dtype)
+    text = torch.randn(batch, text_len, base.config.text_dim, generator=g).to(device, dtype)
+    saved = SavedActivations(model.parameters())
+    handles = saved.attribute(base.blocks)
+    try:
+        with saved.hooks():
+            loss = _flow_matching_loss(model, latents, text, 0.6)
+    finally:
+        for h in handles:
+            h.remove()
+    del loss
+    n = len(base.blocks)
+    # A checkpoint saves its block's inputs before the block runs: count them as that block's held inputs.
+    labels, held = saved.by_label(exclude_held=checkpointing), saved.held_by_label(include_saved=checkpointing)
+    rec = {"batch": batch, "latent": list(latent_fhw), "text_len": text_len, "checkpointing": checkpointing,
+           "layers": n, "outer": labels.get("outer", 0), "blocks": [labels.get(f"block{i}", 0) for i in range(n)],
+           "held": [held.get(f"block{i}", 0) for i in range(n)] if checkpointing else [0] * n}
+    rec["total"] = rec["outer"] + sum(rec["blocks"]) + sum(rec["held"])
+    return rec
+
+
+def _fit(rows: list[tuple[float, float, float]]) -> list[float]:
+    """Least-squares [per token, per text token, constant] bytes per sample from (tokens, text tokens, bytes)."""
+    a = torch.tensor([[t, l, 1.0] for t, l, _ in rows], dtype=torch.float64)
+    b = torch.tensor([[y] for _, _, y in rows], dtype=torch.float64)
+    return [float(v) for v in torch.linalg.lstsq(a, b).solution.flatten()]
+
+
+VAE_POINTS = ((5, 64, 64), (9, 64, 64), (5, 128, 128), (9, 128, 128))  # frames, height, width
+
+
+def peak_allocated(fn) -> int:
+    """Peak bytes the CPU allocator holds above its level at the call, while `fn()` runs (torch profiler memory
+    events: every allocation and free, so the peak includes the temporaries of every operator)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    # Each operator's own allocations (self: its children report theirs) and the frees recorded outside operators.
+    events = sorted((e.time_range.end if e.name != "[memory]" else e.time_range.start, e.self_cpu_memory_usage)
+                    for e in prof.events() if e.self_cpu_memory_usage)
+    level = peak = 0
+    for _, delta in events:
+        level += delta
+        peak = max(peak, level)
+    return peak
+
+
+def measure_rollout(model, batch: int, latent_fhw, text_len: int, seed: int = 0) -> int:
+    """Peak transient bytes of one no-grad transformer forward (a rollout call), inputs and weights excluded."""
+    from video_branch.models.wan import module_dtype_device
+
+    base = _base(model)
+    dtype, device = module_dtype_device(base)
+    g = torch.Generator().manual_seed(seed)
+    latents = torch.randn(batch, 16, *latent_fhw, generator=g).to(device, dtype)
+    text = torch.randn(batch, text_len, base.config.text_dim, generator=g).to(device, dtype)
+    t = torch.full((batch,), 600.0, device=device)
+
+    def fwd():
+        with torch.no_grad():
+            model(hidden_states=latents, timestep=t, encoder_hidden_states=text, return_dict=False)
+
+    fwd()  # warm-up: first-call allocations (kernels, caches) are not the steady state
+    return peak_allocated(fwd)
+
+
+def measure_vae_decode(vae, frames: int, height: int, width: int) -> int:
+    """Peak transient bytes of decoding one clip of `frames` x `height` x `width` (float32, no grad)."""
+    from video_branch.models.vae import decode_to_frames
+
+    latents = torch.randn(1, 16, 1 + (frames - 1) // 4, height // 8, width // 8)
+    return peak_allocated(lambda: decode_to_frames(vae, latents))
+
+
+def calibrate_inference(sizes, dtypes) -> dict:
+    """Rollout-forward coefficients per size and dtype, and the VAE decode's, from allocator peaks."""
+    out: dict = {}
+    for size in sizes:
+        for dtype in dtypes:
+            model = real_transformer(size, 2, dtype).eval()
+            rows = []
+            for f, h, w, length in CALIBRATION_POINTS:
+                rows.append((f * (h // 2) * (w // 2), length, measure_rollout(model, 1, (f, h, w), length)))
+            out.setdefault(size, {})[dtype] = _fit(rows)
+            print(f"calibrated rollout {size} {dtype}: {out[size][dtype][0]:.0f} B/token", flush=True)
+            del model
+    from diffusers import AutoencoderKLWan
+
+    from video_branch.models.real_shapes import REAL_VAE
+
+    torch.manual_seed(0)
+    vae = AutoencoderKLWan(**REAL_VAE).eval()
+    rows = [(f * h * w, h * w, measure_vae_decode(vae, f, h, w)) for f, h, w in VAE_POINTS]
+    a = torch.tensor([[x, y, 1.0] for x, y, _ in rows], dtype=torch.float64)
+    b = torch.tensor([[z] for _, _, z in rows], dtype=torch.float64)
+    vae_c = [float(v) for v in torch.linalg.lstsq(a, b).solution.flatten()]
+    print(f"calibrated VAE decode: {vae_c[0]:.0f} B per frame-pixel, {vae_c[1]:.0f} B per pixel", flush=True)
+    return {"inference": out, "vae": vae_c, "vae_points": rows}
+
+
+def calibrate(sizes, dtypes, modes=("full", "lora")) -> dict:
+    """Per-sample saved-activation coefficients of the planner, measured on 2-block models at the real widths."""
+    out: dict = {}
+    for size in sizes:
+        for dtype in dtypes:
+            for mode in modes:
+                model = real_transformer(size, 2, dtype, LORA_RANK if mode == "lora" else 0)
+                rows: dict[str, list] = {k: [] for k in ("outer", "first_block", "block", "outer_ckpt",
+                                                          "first_held", "held")}
+                for f, h, w, length in CALIBRATION_POINTS:
+                    tokens = f * (h // 2) * (w // 2)
+                    plain = measure_saved(model, 1, (f, h, w), length, False)
+                    ckpt = measure_saved(model, 1, (f, h, w), length, True)
+                    for key, value in (("outer", plain["outer"]), ("first_block", plain["blocks"][0]),
+                                       ("block", plain["blocks"][1]), ("outer_ckpt", ckpt["outer"]),
+                                       ("first_held", ckpt["held"][0]), ("held", ckpt["held"][1])):
+                        rows[key].append((tokens, length, value))
+                out.setdefault(size, {}).setdefault(dtype, {})[mode] = {k: _fit(v) for k, v in rows.items()}
+                print(f"calibrated {size} {dtype} {mode}: block {out[size][dtype][mode]['block'][0]:.0f} B/token, "
+                      f"{out[size][dtype][mode]['block'][1]:.0f} B/text token", flush=True)
+                del model
+    return out
+
+
+VALIDATION_POINT = {"layers": 3, "batch": 2, "latent": (3, 12, 20), "text_len": 32}
+VALIDATION_VAE = (13, 64, 96)
+
+
+def _setting(size: str, layers: int, dtype: str, lora: bool, ckpt: bool, batch: int, latent, text_len: int):
+    from video_branch.models.real_shapes import transformer_config
+    from video_branch.planning import Architecture, Setting
+
+    f, h, w = latent
+    arch = Architecture.from_transformer_config(size, transformer_config(size, layers))
+    return Setting(arch=arch, gpus=1, dtype=dtype, lora_rank=LORA_RANK if lora else 0, gradient_checkpointing=ckpt,
+                   num_frames=4 * (f - 1) + 1, height=8 * h, width=8 * w, micro_batch=batch, cfg=False,
+                   text_tokens=text_len, frontier_batch=batch, decode_batch=1)
+
+
+def validation_rows(calibration: dict, point: dict = VALIDATION_POINT, vae_point=VALIDATION_VAE) -> list[dict]:
+    """Predicted vs measured bytes at a size none of the calibration points has (depth, batch, tokens, text)."""
+    from video_branch.planning import rollout_activations, training_activations, vae_decode
+
+    rows = []
+    for size, by_dtype in calibration.items():
+        if size in ("vae", "vae_points"):
+            continue
+        for dtype, modes in by_dtype.items():
+            if dtype == "inference":
+                continue
+            for mode in modes:
+                model = real_transformer(size, point["layers"], dtype, LORA_RANK if mode == "lora" else 0)
+                for ckpt in (False, True):
+                    st = _setting(size, point["layers"], dtype, mode == "lora", ckpt, point["batch"],
+                                  point["latent"], point["text_len"])
+                    measured = measure_saved(model, point["batch"], point["latent"], point["text_len"], ckpt)["total"]
+                    rows.append({"what": "training saved", "size": size, "dtype": dtype, "mode": mode,
+                                 "checkpointing": ckpt, "layers": point["layers"], "batch": point["batch"],
+                                 "tokens": st.tokens(), "text_len": point["text_len"],
+                                 "predicted": training_activations(st, calibration)["saved"], "measured": measured})
+                if mode == "full" and dtype in calibration[size].get("inference", {}):
+                    st = _setting(size, point["layers"], dtype, False, False, point["batch"], point["latent"],
+                                  point["text_len"])
+                    rows.append({"what": "rollout forward", "size": size, "dtype": dtype, "mode": "-",
+                                 "checkpointing": False, "layers": point["layers"], "batch": point["batch"],
+                                 "tokens": st.tokens(), "text_len": point["text_len"],
+                                 "predicted": rollout_activations(st, calibration),
+                                 "measured": measure_rollout(model.eval(), point["batch"], point["latent"],
+                                                             point["text_len"])})
+                del model
+    if "vae" in calibration:
+        from diffusers import AutoencoderKLWan
+
+        from video_branch.models.real_shapes import REAL_VAE
+
+        torch.manual_seed(0)
+        vae = AutoencoderKLWan(**REAL_VAE).eval()
+        f, h, w = vae_point
+        st = _setting("1.3b", 1, "float32", False, False, 1, (1 + (f - 1) // 4, h // 8, w // 8), 16)
+        rows.append({"what": "VAE decode", "size": f"{f}x{h}x{w}", "dtype": "float32", "mode": "-",
+                     "checkpointing": False, "layers": "-", "batch": 1, "tokens": st.tokens(), "text_len": "-",
+                     "predicted": vae_decode(st, calibration), "measured": measure_vae_decode(vae, f, h, w)})
+    for r in rows:
+        r["error"] = r["predicted"] / r["measured"] - 1 if r["measured"] else float("inf")
+    return rows
+
+
+def validation_markdown(rows: list[dict]) -> str:
+    lines = ["| what | model | dtype | training | checkpointing | layers x batch x tokens (+ text) | predicted (MiB) "
+             "| measured (MiB) | error |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        ckpt = "on" if r["checkpointing"] else "off"
+        lines.append(f"| {r['what']} | {r['size']} | {r['dtype']} | {r['mode']} | {ckpt} "
+                     f"| {r['layers']} x {r['batch']} x {r['tokens']} (+{r['text_len']}) | {r['predicted'] / MIB:.2f} "
+                     f"| {r['measured'] / MIB:.2f} | {100 * r['error']:+.1f}% |")
+    return "\n".join(lines)
+
+
+def validate(args) -> int:
+    from video_branch.planning import load_calibration
+
+    torch.set_num_threads(args.threads)
+    started = time.time()
+    cal = load_calibration(args.validate)
+    rows = validation_rows(cal)
+    report = {"command": "python tools/bench_memory.py " + " ".join(sys.argv[1:]), "torch": torch.__version__,
+              "point": VALIDATION_POINT, "rows": rows, "wall_s": time.time() - started,
+              "max_abs_error": max(abs(r["error"]) for r in rows)}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=1))
+    print(validation_markdown(rows))
+    print(f"wrote {args.out} ({report['wall_s']:.0f} s); largest error {100 * report['max_abs_error']:.1f}%")
+    return 0
+
+
+def merge_calibration(training: dict, inference: dict) -> dict:
+    """One coefficient tree: size -> dtype -> full/lora, size -> inference -> dtype, and the VAE's."""
+    out = json.loads(json.dumps(training))
+    for size, by_dtype in inference["inference"].items():
+        out.setdefault(size, {})["inference"] = by_dtype
+    out["vae"], out["vae_points"] = inference["vae"], inference["vae_points"]
+    return out
 
 
 def run_worker(args) -> None:
@@ -236,6 +558,13 @@ def main(argv=None) -> int:
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--head-dim", type=int, default=64)
     parser.add_argument("--ffn", type=int, default=1024)
+    parser.add_argument("--calibrate", metavar="SIZES", help="instead of the settings above: measure the memory "
+                        "planner's saved-activation coefficients on 2-block models at the real widths of these Wan "
+                        "2.1 sizes (comma-separated: 1.3b,14b) and write them to --out")
+    parser.add_argument("--dtypes", default="bfloat16,float32", help="with --calibrate: compute dtypes to measure")
+    parser.add_argument("--validate", type=Path, metavar="CALIBRATION",
+                        help="instead of the settings above: compare the planner's activation predictions (from "
+                             "this calibration JSON) with fresh measurements at sizes not used to calibrate")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--sp", type=int, default=1, help=argparse.SUPPRESS)
     parser.add_argument("--checkpointing", type=int, default=0, help=argparse.SUPPRESS)
@@ -246,6 +575,29 @@ def main(argv=None) -> int:
         return 0
     if args.out is None:
         parser.error("--out: give the JSON report path")
+    if args.calibrate:
+        from video_branch.models.real_shapes import SIZES
+
+        sizes = [x.strip().lower() for x in args.calibrate.split(",") if x.strip()]
+        dtypes = [x.strip() for x in args.dtypes.split(",") if x.strip()]
+        bad = [x for x in sizes if x not in SIZES]
+        if bad or not sizes:
+            parser.error(f"--calibrate: unknown sizes {bad or sizes}; accepted: {', '.join(SIZES)}")
+        bad = [x for x in dtypes if x not in ("float32", "bfloat16")]
+        if bad or not dtypes:
+            parser.error(f"--dtypes: unknown dtypes {bad or dtypes}; accepted: float32, bfloat16")
+        torch.set_num_threads(args.threads)
+        started = time.time()
+        report = {"command": "python tools/bench_memory.py " + " ".join(sys.argv[1:] if argv is None else argv),
+                  "torch": torch.__version__, "points": [list(p) for p in CALIBRATION_POINTS], "lora_rank": LORA_RANK,
+                  "coefficients": merge_calibration(calibrate(sizes, dtypes), calibrate_inference(sizes, dtypes))}
+        report["wall_s"] = time.time() - started
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(report, indent=1))
+        print(f"wrote {args.out} ({report['wall_s']:.0f} s)")
+        return 0
+    if args.validate:
+        return validate(args)
     if args.height % 2 or args.width % 2:
         parser.error(f"--height/--width: latent sizes must be even for patch (1, 2, 2); got {args.height}x{args.width}")
     try:
