@@ -432,7 +432,8 @@ def plot(summary: dict, labels: Sequence[str], baseline: str, key: str, path: Pa
             col = colours[li % len(colours)]
             n = len(summary["presets"][label]["seeds"])
             ax.plot(x, y, "-", color=col, marker="o", ms=2.5, lw=1.2, label=f"{label} ({n} seed{'s' * (n > 1)})")
-            ax.fill_between(x, [a - b for a, b in zip(y, ci)], [a + b for a, b in zip(y, ci)], color=col, alpha=0.12)
+            ax.fill_between(x, [a - b for a, b in zip(y, ci)], [a + b for a, b in zip(y, ci)], color=col,
+                            alpha=0.12 if len(labels) <= 4 else 0.05)
             bands.add(c["band"])
         if term == metric and baseline in summary["presets"]:
             ax.axhline(summary["presets"][baseline]["final"]["mean"], color="grey", lw=0.8, ls="--",
@@ -479,9 +480,10 @@ def report(summary: dict, baseline: str, goal: dict | None, pending: Sequence) -
     rows = []
     for k, s in summary["presets"].items():
         r = s["time_to_target_ratio"]
-        rows.append([k, len(s["seeds"]), _pm(s["iterations"], 3), s["median_iter_s"], _pm(s["before"]),
+        comparable = r["seeds"] - r["baseline_flat"] if r else 0
+        rows.append([k, len(s["seeds"]), _pm(s["iterations"], 1), s["median_iter_s"], _pm(s["before"]),
                      _pm(s["final"]), s["final"]["sd"], _pm(s["time_to_target_s"]), ratio_text(r),
-                     f"{r['reached']}/{r['seeds']}" if r else "-", _pm(s["gain_per_1k_leaves"]),
+                     f"{r['reached']}/{comparable}" if comparable else "-", _pm(s["gain_per_1k_leaves"]),
                      _pm(s["gain_per_forward_pass"])])
     metric = next(iter(summary["presets"].values()))["metric"] if summary["presets"] else "?"
     text = bc.markdown_table(["preset", "seeds", "iterations", "median iter s", f"held-out {metric} before",
@@ -497,7 +499,7 @@ def report(summary: dict, baseline: str, goal: dict | None, pending: Sequence) -
     if goal:
         state = ("met" if goal["met"] else "not met") if goal["assessable"] else \
             f"not assessable with {goal['seeds']} seed(s) (needs {GOAL[3]})"
-        text += (f"\n\ngoal: {goal['quantity']} of {goal['preset']} <= {goal['bound']}: per seed {goal['ratios']}, "
+        text += (f"\n\ngoal: {goal['preset']}: {goal['quantity']} <= {goal['bound']}; per seed {goal['ratios']}: "
                  f"{state}")
     if pending:
         text += f"\n\nunfinished runs (not in this report): {', '.join(f'{lb}/seed{s}' for s, lb in pending)}"
