@@ -212,6 +212,8 @@ def test_report_from_run_files_structure_targets_and_pending(tmp_path, tiny_setu
     assert fast["final"]["min"] == pytest.approx(0.52) and fast["final"]["max"] == pytest.approx(0.55)
     assert fast["gain_per_1k_leaves"]["mean"] == pytest.approx((0.15 + 0.12) / 2 / 32 * 1000)
     assert fast["gain_per_forward_pass"]["mean"] == pytest.approx((0.15 + 0.12) / 2 / 640)
+    change = saved["summary"]["fast"]["paired_change_per_seed"]["1"]
+    assert change["temporal_consistency"] == pytest.approx(0.12) and change["temporal_consistency_ci95"] == 0.0
     assert set(saved["curves"]["fast"]) == {"temporal_consistency"}
     c = saved["curves"]["fast"]["temporal_consistency"]
     assert c["t"] == [0, 30, 60] and c["mean"] == pytest.approx([0.40, 0.465, 0.535]) and c["band"] == "seeds"

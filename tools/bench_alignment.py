@@ -203,6 +203,8 @@ def summarise(results: dict[str, dict[int, dict]], labels: Sequence[str], baseli
     {label: grid_curves(...)}}; labels without finished runs are left out; time-to-target uses only seeds where
     the baseline has finished too.
     """
+    from video_branch.core.stats import paired_change
+
     presets, per_seed, curves = {}, {}, {}
     for label in labels:
         runs = results.get(label, {})
@@ -231,6 +233,9 @@ def summarise(results: dict[str, dict[int, dict]], labels: Sequence[str], baseli
             "final_per_seed": {s: runs[s]["final"]["mean"] for s in seeds},
             "final_clip_ci95_per_seed": {s: runs[s]["final"]["ci95"] for s in seeds},
             "gain": bc.mean_t_ci(gains),
+            # Per seed, per term: final - start over the same held-out clips (same prompts and noise), 95% CI.
+            "paired_change_per_seed": {s: paired_change(runs[s]["curve"][0]["scores"], runs[s]["curve"][-1]["scores"])
+                                       for s in seeds},
             "leaves": bc.mean_t_ci(runs[s]["leaves"] for s in seeds),
             "forward_passes": bc.mean_t_ci(runs[s]["forward_passes"] for s in seeds),
             "gain_per_1k_leaves": bc.mean_t_ci(g / runs[s]["leaves"] * 1000 for g, s in zip(gains, seeds)
