@@ -7,7 +7,7 @@ STAMP   := $(VENV)/.installed
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 export DS_BUILD_OPS := 0
 
-.PHONY: setup demo test test-fast bench lint clean
+.PHONY: setup demo test test-fast bench bench-alignment bench-alignment-quick lint clean
 
 setup: $(STAMP)
 
@@ -29,8 +29,16 @@ test-fast: setup
 
 bench: setup
 	$(VPY) tools/bench_iteration.py --out runs/bench/iteration.json
-	$(VPY) tools/bench_alignment.py --set eval.clips_per_prompt=4 --out runs/bench/alignment.json
+	$(VPY) tools/bench_alignment.py --quick --out runs/bench/alignment_quick.json
 	$(VPY) tools/bench_memory.py --out runs/bench/memory.json
+
+# Method comparison: 10 presets x 3 seeds x 3 min (about 2 h); rerun to continue after an interruption.
+bench-alignment: setup
+	$(VPY) tools/bench_alignment.py --set eval.clips_per_prompt=4 --out runs/bench/alignment.json
+
+# Its smoke run: 1 seed, a short budget per preset (under 10 min).
+bench-alignment-quick: setup
+	$(VPY) tools/bench_alignment.py --quick --out runs/bench/alignment_quick.json
 
 lint: setup
 	$(VPY) -m ruff check video_branch reward_models tools tests
