@@ -34,8 +34,11 @@ MIB = 2**20
 H200_BF16_PEAK = 989e12  # dense bf16 tensor-core peak of an H100/H200 SXM (FLOP/s)
 SIZES = {  # device -> (layers, frames, height, width, text tokens, micro_batch)
     "cuda": {"layers": 30, "frames": 33, "height": 480, "width": 832, "text": 512, "micro_batch": 1},
-    "cpu": {"layers": 2, "frames": 5, "height": 32, "width": 32, "text": 16, "micro_batch": 1},
+    "cpu": {"layers": 2, "frames": 5, "height": 32, "width": 32, "text": 16, "micro_batch": 4},
 }
+# The CPU run shrinks the trees (6 steps; 8 leaves, 4 chains) so the same steps finish in about a minute.
+CPU_TREES = {"branchgrpo": ["tree.num_steps=6", "tree.split_steps=[0,1,2]"],
+             "dancegrpo": ["tree.num_steps=6", "tree.roots=4"]}
 
 
 def _sync(device):
@@ -79,12 +82,13 @@ def step_forward_backward(device, layers: int) -> dict:
             "wall_s": time.perf_counter() - t0}
 
 
-def _preset_counts(method: str, num_steps: int | None):
+def _preset_counts(method: str, num_steps: int | None, small: bool = False):
     """Per-prompt tree accounting of a preset (nodes evaluated per step, trained edges) from the config layer."""
     from video_branch.config import load_config
     from video_branch.config.specs import config_accounting, tree_spec
 
-    sets = [f"tree.num_steps={num_steps}"] if num_steps else []
+    sets = list(CPU_TREES[method]) if small else []
+    sets += [f"tree.num_steps={num_steps}"] if num_steps else []
     cfg = load_config(None, sets, method=method)
     acc = config_accounting(cfg, 0)
     spec = tree_spec(cfg, 0)
@@ -108,7 +112,7 @@ def step_iterations(device, size: dict, iterations: int, num_steps: int | None) 
     out = {"tokens": tokens, "layers": size["layers"], "presets": {}}
     frontier = 8
     for method in ("branchgrpo", "dancegrpo"):
-        evaluated, trained = _preset_counts(method, num_steps)
+        evaluated, trained = _preset_counts(method, num_steps, small=device.type == "cpu")
         rollout_s = flops = 0.0
         train_s = 0.0
         for _ in range(iterations):
@@ -191,8 +195,8 @@ def summary(report: dict) -> str:
              f"{fb['grad_rel_error']:.4f} ({'ok' if fb['ok'] else 'MISMATCH'})"]
     for m, r in p.items():
         lines.append(f"2. {m}: {r['s_per_iteration']:.2f} s/iteration (rollout {r['rollout_s']:.2f}, train "
-                     f"{r['train_s']:.2f}); rollout {r['rollout_flops_per_s'] / 1e12:.1f} TFLOP/s = "
-                     f"{100 * r['rollout_flops_per_s'] / H200_BF16_PEAK:.1f}% of the bf16 peak")
+                     f"{r['train_s']:.2f}); rollout {r['rollout_flops_per_s'] / 1e12:.3f} TFLOP/s = "
+                     f"{100 * r['rollout_flops_per_s'] / H200_BF16_PEAK:.2f}% of an H100/H200's bf16 peak")
     lines.append(f"   dancegrpo / branchgrpo time: {it['dance_over_branch']:.2f}")
     lines.append(f"3. training micro-step peak: measured {mem['measured_peak_mib']:.0f} MiB, planned "
                  f"{mem['planned_peak_mib']:.0f} MiB (planned / measured {mem['ratio']:.2f})")
@@ -207,7 +211,8 @@ def main(argv=None) -> int:
     parser.add_argument("--iterations", type=int, default=None, help="iterations per preset (cuda 2, cpu 1)")
     parser.add_argument("--layers", type=int, default=None, help="transformer depth (cuda 30 = real, cpu 2)")
     parser.add_argument("--frames", type=int, default=None, help="clip frames, 4k+1")
-    parser.add_argument("--num-steps", type=int, default=None, help="denoising steps (default: the presets' 20)")
+    parser.add_argument("--num-steps", type=int, default=None, help="denoising steps (default: the presets' 20; "
+                        "the split steps must lie below it)")
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is visible; use --device cpu for the small CPU run")
@@ -219,7 +224,7 @@ def main(argv=None) -> int:
             parser.error(f"--frames: expected 4k+1 frames (1, 5, 9, ..., 33), got {args.frames}")
         size["frames"] = args.frames
     iterations = args.iterations or (2 if args.device == "cuda" else 1)
-    num_steps = args.num_steps or (None if args.device == "cuda" else 2)
+    num_steps = args.num_steps
     device = torch.device(args.device)
     if args.device == "cpu":
         torch.set_num_threads(max(1, torch.get_num_threads()))
