@@ -3,7 +3,6 @@ measurements at real widths, and the command line."""
 
 from __future__ import annotations
 
-import subprocess
 import sys
 from pathlib import Path
 
@@ -102,25 +101,30 @@ def test_activation_prediction_matches_saved_tensor_measurement(lora):
         assert abs(predicted / measured - 1) < 0.10, (ckpt, predicted, measured)
 
 
-def _plan_cli(*args):
-    return subprocess.run([sys.executable, "-m", "video_branch.plan", *args], cwd=ROOT, capture_output=True,
-                          text=True, timeout=300)
+def _plan_cli(capsys, *args):
+    from video_branch.plan import main
+
+    code = main(list(args))
+    out = capsys.readouterr()
+    return code, out.out, out.err
 
 
 @pytest.mark.parametrize("config,gpus", [("configs/wan2.1_t2v_1.3b/branchgrpo.yaml", 8),
                                          ("configs/wan2.1_t2v_1.3b/dancegrpo.yaml", 8),
                                          ("configs/wan2.1_t2v_14b/branchgrpo.yaml", 8),
                                          ("configs/wan2.1_t2v_14b/dancegrpo.yaml", 8)])
-def test_shipped_wan_configs_fit_8_h100(config, gpus):
-    r = _plan_cli("--config", config, "--gpus", str(gpus), "--gpu-memory", "80GiB")
-    assert r.returncode == 0, r.stdout + r.stderr
-    assert "FITS" in r.stdout
+def test_shipped_wan_configs_fit_8_h100(capsys, config, gpus):
+    code, out, err = _plan_cli(capsys, "--config", str(ROOT / config), "--gpus", str(gpus), "--gpu-memory", "80GiB")
+    assert code == 0, out + err
+    assert "FITS" in out
 
 
-def test_cli_errors_are_one_line_and_name_the_flag():
-    r = _plan_cli("--config", "configs/wan2.1_t2v_1.3b/branchgrpo.yaml", "--gpus", "8", "--gpu-memory", "lots")
-    assert r.returncode == 2
-    assert r.stderr.strip().splitlines() == ["error: --gpu-memory: expected a positive size such as 80GiB or 141GB, "
-                                             "got 'lots'"]
-    r = _plan_cli("--config", "configs/wan2.1_t2v_14b/branchgrpo.yaml", "--gpus", "8", "--set", "parallel.sp_size=3")
-    assert r.returncode == 2 and "parallel.sp_size" in r.stderr
+def test_cli_errors_are_one_line_and_name_the_flag(capsys):
+    config = str(ROOT / "configs/wan2.1_t2v_1.3b/branchgrpo.yaml")
+    code, out, err = _plan_cli(capsys, "--config", config, "--gpus", "8", "--gpu-memory", "lots")
+    assert code == 2
+    assert err.strip().splitlines() == ["error: --gpu-memory: expected a positive size such as 80GiB or 141GB, "
+                                        "got 'lots'"]
+    code, out, err = _plan_cli(capsys, "--config", str(ROOT / "configs/wan2.1_t2v_14b/branchgrpo.yaml"), "--gpus",
+                               "8", "--set", "parallel.sp_size=3")
+    assert code == 2 and "parallel.sp_size" in err and len(err.strip().splitlines()) == 1
