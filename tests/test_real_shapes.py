@@ -79,3 +79,18 @@ def test_real_width_14b_block_runs(tmp_path):
     with torch.no_grad():
         v = velocity(m.transformer, torch.randn(1, 16, 1, 4, 4), torch.tensor([900.0]), torch.randn(1, 4, 4096))
     assert v.shape == (1, 16, 1, 4, 4) and torch.isfinite(v).all()
+
+
+def test_cli_refuses_bad_arguments(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    tool = Path(__file__).resolve().parents[1] / "tools" / "build_real_wan.py"
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("")
+    for args, msg in ((["--size", "1.3b", "--out", str(tmp_path / "a"), "--layers", "0"], "--layers: expected"),
+                      (["--size", "1.3b", "--out", str(tmp_path / "full")], "exists and is not empty"),
+                      (["--size", "7b", "--out", str(tmp_path / "b")], "invalid choice: '7b'")):
+        r = subprocess.run([sys.executable, str(tool), *args], capture_output=True, text=True, timeout=120)
+        assert r.returncode == 2 and msg in r.stderr, r.stderr
