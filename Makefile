@@ -7,7 +7,7 @@ STAMP   := $(VENV)/.installed
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 export DS_BUILD_OPS := 0
 
-.PHONY: setup demo test test-fast bench bench-alignment bench-alignment-quick lint clean
+.PHONY: setup demo test test-fast bench bench-alignment bench-alignment-quick gpu-check wheels lint clean
 
 setup: $(STAMP)
 
@@ -39,6 +39,13 @@ bench-alignment: setup
 # Its smoke run: 1 seed, a short budget per preset (under 10 min).
 bench-alignment-quick: setup
 	$(VPY) tools/bench_alignment.py --quick --out runs/bench/alignment_quick.json
+
+# The prepared one-GPU check (docs/SCALING.md) and the wheel folder it installs from offline.
+gpu-check: setup
+	PYTHON=$(VPY) tools/gpu_check.sh
+
+wheels: setup
+	PYTHON=$(VPY) tools/gpu_check.sh --build-wheels
 
 lint: setup
 	$(VPY) -m ruff check video_branch reward_models tools tests
