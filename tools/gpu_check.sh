@@ -3,7 +3,7 @@
 # tools/gpu_check.py. Usage:
 #   tools/gpu_check.sh [--device cuda|cpu] [--out DIR] [--wheels DIR] [-- extra gpu_check.py arguments]
 #   tools/gpu_check.sh --build-wheels [--wheels DIR]      # on a machine with the package registry, beforehand
-# The wheel folder (default: wheels/ at the repository root, untracked; it travels with the working tree) holds
+# The wheel folder (default: wheels/ at the repository root, git-ignored: pass it as carry to travel) holds
 # diffusers, deepspeed (a pure-Python wheel built with DS_BUILD_OPS=0) and the dependencies a bare image with torch,
 # transformers, peft, accelerate, einops, opencv and tensorboard lacks, for CPython 3.12 on manylinux x86_64.
 set -euo pipefail
