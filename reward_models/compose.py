@@ -9,9 +9,9 @@ The output dict holds, for each component ``name``, its primary score under ``na
 under ``name/<key>``. The primary score is the output ``key`` given in the component's config, or else the only
 output, or the output named like the reward, or ``overall`` / ``Overall``. A reward that has failed on every sample
 since it was built has no known outputs: it reports only ``name`` (all NaN), and callers that merge outputs from
-several processes (the trainer's metrics, held-out evaluation) take the union of the keys. ``weighted_sum`` combines primary scores
-with the component weights (ALGORITHMS.md section 3, default mode); normalising each reward first is the credit
-module's job.
+several processes (the trainer's metrics, held-out evaluation) take the union of the keys. ``weighted_sum``
+combines primary scores with the component weights (ALGORITHMS.md section 3, default mode); normalising each reward
+first is the credit module's job.
 """
 
 from __future__ import annotations
