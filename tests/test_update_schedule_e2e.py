@@ -2,7 +2,7 @@
 later steps see moved weights (nonzero ratio deviation, the clip acts), and the lockstep check holds.
 
 One distributed launch (``tests/dist_workers/train_presets.py``) runs an edge-shuffled tree (BranchGRPO) and a
-chain-grouped sequential group (DanceGRPO)."""
+chain-grouped sequential group (DanceGRPO), the latter also with GRPO-Guard's ratio normalisation."""
 
 from __future__ import annotations
 
@@ -29,7 +29,11 @@ JOBS = {
     # 6 chains of 3 trained edges (last step not trained, timestep fraction 1), 2 chains per step.
     "chains": ["method=dancegrpo", "tree.roots=6", "tree.num_steps=4", "prune.timestep_fraction=1.0",
                "optim.minibatch=2", "optim.micro_batch=4"],
+    # GRPO-Guard: the old means of the second mini-batch come from a forward on the rollout's weights.
+    "guard": ["method=dancegrpo", "tree.roots=4", "tree.num_steps=4", "prune.timestep_fraction=1.0",
+              "objective.ratio_norm=true", "optim.minibatch=2", "optim.micro_batch=4"],
 }
+STEPS = {"tree": 4, "chains": 3, "guard": 2}
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +71,7 @@ def test_minibatch_steps_on_two_ranks(runs, name):
     rows = metrics(out / name)
     assert [r["iteration"] for r in rows] == [0, 1]
     sched = update_schedule(load_config(cfg, JOBS[name]))
-    assert sched["optimizer_steps"] == (4 if name == "tree" else 3)
+    assert sched["optimizer_steps"] == STEPS[name]
     for r in rows:
         # DeepSpeed's own step counter moved once per mini-batch.
         assert r["optimizer_steps"] == sched["optimizer_steps"]
