@@ -109,12 +109,98 @@ def test_overall_is_mean_of_terms(rm, gt):
     assert torch.allclose(out["overall"], (out["colour"] + out["shape"] + out["direction"]) / 3)
 
 
-def test_temporal_term_included_when_available(gt):
-    pytest.importorskip("reward_models.temporal")
-    out = ToyWorldReward(calibration=None, temporal=True)(gt[:4], PROMPTS[:4])
-    assert "temporal_consistency" in out
+def test_temporal_term_is_track_based_by_default_and_flow_on_request(gt):
+    out = ToyWorldReward(calibration=None)(gt[:4], PROMPTS[:4])
+    assert "temporal_consistency" in out and out["temporal_consistency"].min() > 0.8
     terms = [out[k] for k in ("colour", "shape", "direction", "temporal_consistency")]
     assert torch.allclose(out["overall"], torch.stack(terms).mean(0))
+    flow = ToyWorldReward(calibration=None, temporal="flow")(gt[:2], PROMPTS[:2])
+    expected = reward_models.build("temporal_consistency", require_motion=True)(gt[:2], PROMPTS[:2])
+    assert torch.allclose(flow["temporal_consistency"], expected["temporal_consistency"].float())
+    with pytest.raises(ValueError, match="temporal"):
+        ToyWorldReward(calibration=None, temporal="optical")
+
+
+def _rerender(prompt: str, seed: int, size: int, *, half_scale: float = 1.0, jitter: float = 0.0,
+              colour=None) -> torch.Tensor:
+    """A ground-truth clip drawn again from its own parameters with the object scaled, its path jittered (pixels,
+    alternating sign) or its colour replaced: an independent reference for the anti-gaming tests."""
+    clip, params = render_clip_with_params(prompt, seed, size=size)
+    p = parse_prompt(prompt)
+    rgb = np.asarray(COLOURS[p.colour] if colour is None else colour, np.float32)
+    frames = []
+    for t in range(clip.shape[0]):
+        cx, cy = params.centres[t] + jitter * (-1) ** t
+        cov = shape_coverage(p.shape, cx, cy, params.half * half_scale, size)[..., None]
+        frames.append(np.rint(np.asarray(BACKGROUND, np.float32) * (1 - cov) + rgb * cov).astype(np.uint8))
+    return torch.from_numpy(np.stack(frames))
+
+
+def _faded(frames: torch.Tensor, keep: float) -> torch.Tensor:
+    bg = torch.tensor(BACKGROUND, dtype=torch.float32)
+    return (bg + keep * (frames.float() - bg)).round().to(torch.uint8)
+
+
+@pytest.mark.parametrize("size", [32, 64])
+def test_faded_shrunk_and_frozen_clips_score_lower_overall(size):
+    rm = ToyWorldReward(calibration=None)
+    seeds = list(range(700, 700 + len(PROMPTS)))
+    clean = torch.from_numpy(render_batch(PROMPTS, seeds, size=size))
+    base = rm(clean, PROMPTS)["overall"]
+    faded = rm(_faded(clean, 0.6), PROMPTS)
+    shrunk = rm(torch.stack([_rerender(p, s, size, half_scale=0.6) for p, s in zip(PROMPTS, seeds)]), PROMPTS)
+    frozen = rm(clean[:, :1].expand_as(clean).contiguous(), PROMPTS)
+    for name, out in (("faded", faded), ("shrunk", shrunk), ("frozen", frozen)):
+        assert (out["overall"] < base - 0.05).all(), (name, (base - out["overall"]).min())
+    assert faded["colour"].max() < 0.7 and shrunk["shape"].max() < 0.8
+    assert frozen["direction"].max() == 0 and frozen["temporal_consistency"].max() == 0
+
+
+@pytest.mark.parametrize("prompt,off", [("a red circle moving left", (140, 75, 40)),       # brown
+                                        ("a magenta square moving up", (125, 40, 160)),     # purple
+                                        ("a blue triangle moving down", (105, 110, 150)),   # greyish blue
+                                        ("a yellow circle moving right", (245, 150, 30))])  # orange
+def test_off_palette_hues_score_low_on_colour(prompt, off):
+    rm = ToyWorldReward(calibration=None, temporal=False)
+    clips = torch.stack([_rerender(prompt, 3, 32), _rerender(prompt, 3, 32, colour=off)])
+    colour = rm(clips, [prompt, prompt])["colour"]
+    assert colour[0] > 0.95 and colour[1] < 0.5, colour
+
+
+def test_temporal_prefers_the_moving_crisp_clip():
+    rm = ToyWorldReward(calibration=None)
+    prompts = PROMPTS[::6]
+    seeds = list(range(40, 40 + len(prompts)))
+    clean = torch.from_numpy(render_batch(prompts, seeds, size=32))
+    tc = rm(clean, prompts)["temporal_consistency"]
+    faint = rm(_faded(clean, 0.45), prompts)["temporal_consistency"]
+    frozen = rm(clean[:, :1].expand_as(clean).contiguous(), prompts)["temporal_consistency"]
+    jittered = rm(torch.stack([_rerender(p, s, 32, jitter=2.0) for p, s in zip(prompts, seeds)]), prompts)
+    flicker = clean.clone()
+    flicker[:, 1::2] = _faded(clean[:, 1::2], 0.55)
+    flickering = rm(flicker, prompts)["temporal_consistency"]
+    assert (faint <= tc + 1e-6).all() and (frozen == 0).all()
+    assert (jittered["temporal_consistency"] < tc - 0.1).all()
+    assert (flickering < tc - 0.1).all()
+
+
+def test_cost_is_small_beside_an_iteration():
+    import time
+
+    rm = ToyWorldReward(calibration=None)
+    gt = torch.from_numpy(render_batch(PROMPTS, list(range(500, 500 + len(PROMPTS))), size=32))  # the demo's size
+    frames = gt.repeat(2, 1, 1, 1, 1)[:128]
+    prompts = (PROMPTS * 2)[:128]
+    rm(frames[:4], prompts[:4])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        t0 = time.process_time()
+        rm(frames, prompts)
+    finally:
+        torch.set_num_threads(threads)
+    # 128 clips (a demo iteration's leaves on both ranks) in well under a second of CPU time.
+    assert time.process_time() - t0 < 0.6
 
 
 def test_unparseable_prompt_raises_naming_it(rm, gt):

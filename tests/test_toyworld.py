@@ -216,15 +216,27 @@ def test_shipped_model_follows_colour():
     assert rm(red, as_red)["colour"].mean() > rm(blue, as_red)["colour"].mean() + 0.3
 
 
-@shipped
-def test_shipped_model_follows_heldout_prompts_partly():
-    """Held-out overall between 0.25 and 0.75 (it follows prompts partly, so alignment has room), through the CLI."""
+@pytest.fixture(scope="module")
+def heldout_summary():
+    """Held-out evaluation of the shipped model through the CLI, 4 clips per held-out prompt."""
     from video_branch.toyworld.evaluate import main
 
-    summary = main(["--model", str(SHIPPED), "--prompts", str(ROOT / "assets" / "prompts" / "heldout.txt"),
-                    "--clips-per-prompt", "2", "--temporal", "off"])
-    assert 0.25 < summary["overall"]["mean"] < 0.75
-    assert summary["colour"]["mean"] > 0.8 and summary["direction"]["mean"] < 0.9
+    return main(["--model", str(SHIPPED), "--prompts", str(ROOT / "assets" / "prompts" / "heldout.txt"),
+                 "--clips-per-prompt", "4"])
+
+
+@shipped
+def test_shipped_model_heldout_shape_is_partly_learned(heldout_summary):
+    """Held-out shape between 0.3 and 0.8: partly learned, so alignment has room."""
+    assert 0.3 < heldout_summary["shape"]["mean"] < 0.8, heldout_summary["shape"]
+    assert 0.25 < heldout_summary["overall"]["mean"] < 0.85
+
+
+@shipped
+@pytest.mark.xfail(strict=True, reason="the shipped model follows the direction word too little: held-out "
+                                       "direction 0.10 +- 0.04 (docs/TOYWORLD.md)")
+def test_shipped_model_heldout_direction_is_partly_learned(heldout_summary):
+    assert 0.3 < heldout_summary["direction"]["mean"] < 0.8, heldout_summary["direction"]
 
 
 def test_native_clip_reads_the_pretraining_log(tmp_path):

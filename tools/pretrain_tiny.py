@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from reward_models.toyworld import ToyWorldReward, reference_features
+from reward_models.toyworld import ToyWorldReward, reference_statistics
 from video_branch.models.tiny import build_tiny_wan
 from video_branch.toyworld.generate import generate
 from video_branch.toyworld.grammar import split_prompts, vocabulary
@@ -56,10 +56,16 @@ def parse_args(argv=None):
     p.add_argument("--size", type=int, default=DEFAULT_SIZE, help="frame height and width")
     p.add_argument("--clips-per-prompt", type=int, default=32, help="dataset clips per training prompt")
     p.add_argument("--vae", choices=["toy", "wan"], default="toy")
-    p.add_argument("--vae-steps", type=int, default=400)
+    p.add_argument("--vae-steps", type=int, default=1500)
+    p.add_argument("--vae-from", default=None,
+                   help="take the VAE from this directory (written by a run with the same seed and VAE flags) "
+                        "instead of training it; the random stream is advanced as training would, so the rest of "
+                        "the run is the same as a full run's")
     p.add_argument("--vae-batch", type=int, default=8)
-    p.add_argument("--vae-lr", type=float, default=2e-3)
+    p.add_argument("--vae-lr", type=float, default=3e-3)
     p.add_argument("--object-weight", type=float, default=10.0, help="extra loss weight on object pixels")
+    p.add_argument("--l1-weight", type=float, default=1.0, help="weight of the absolute error beside the squared one")
+    p.add_argument("--vae-channels", default="64,128", help="ToyVAE widths at H/2-H/4 and at H/8")
     p.add_argument("--kl-weight", type=float, default=1e-4)
     p.add_argument("--steps", type=int, default=1000, help="transformer steps")
     p.add_argument("--batch", type=int, default=32)
@@ -103,7 +109,7 @@ def train_vae(vae, data: torch.Tensor, args, rng: np.random.Generator, log: dict
         rec = vae.decode_unclamped(z) if hasattr(vae, "decode_unclamped") else vae.decode(z).sample
         obj = object_mask(x)
         w = 1.0 + args.object_weight * obj
-        rec_loss = (w * (rec - x) ** 2).mean() + 0.5 * (w * (rec - x).abs()).mean()
+        rec_loss = (w * (rec - x) ** 2).mean() + args.l1_weight * (w * (rec - x).abs()).mean()
         kl = 0.5 * (post.mean**2 + post.var - 1.0 - post.logvar).mean()
         loss = rec_loss + args.kl_weight * kl
         opt.zero_grad(set_to_none=True)
@@ -143,7 +149,10 @@ def write_calibration(vae, gt: torch.Tensor, prompts, out: Path):
     """Measure the reward's shape references on ground-truth clips after a VAE round trip; write them to
     ``out/toyworld_reward.json``. Returns (reward using them, reconstruction metrics)."""
     rec = reconstruct(vae, gt)
-    calibration = {"shape_prototypes": {s: [f] for s, f in reference_features(rec, prompts).items()},
+    means, cov = reference_statistics(rec, prompts)
+    # A floor of 0.02^2 on the variances keeps the kernel finite where decoded ground truth barely varies.
+    cov = (torch.tensor(cov) + 4e-4 * torch.eye(len(cov))).tolist()
+    calibration = {"shape_prototypes": {s: [f] for s, f in means.items()}, "feature_covariance": cov,
                    "source": f"{len(prompts)} training-prompt clips decoded by this directory's VAE"}
     path = out / "toyworld_reward.json"
     path.write_text(json.dumps(calibration, indent=1))
@@ -238,10 +247,19 @@ def main(argv=None) -> dict:
     log["time_s"]["render"] = time.time() - t_start
 
     t0 = time.time()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(args.seed + 3)
-        vae = ToyVAE() if args.vae == "toy" else __import__("diffusers").AutoencoderKLWan(**WAN_VAE_KWARGS)
-    train_vae(vae, data, args, rng, log)
+    if args.vae_from:
+        vae_cls = ToyVAE if args.vae == "toy" else __import__("diffusers").AutoencoderKLWan
+        vae = vae_cls.from_pretrained(str(Path(args.vae_from) / "vae")).eval()
+        for _ in range(args.vae_steps):  # the batches train_vae would have drawn
+            rng.integers(0, len(data), args.vae_batch)
+        log["vae_from"] = str(args.vae_from)
+    else:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(args.seed + 3)
+            channels = tuple(int(c) for c in args.vae_channels.split(","))
+            vae = ToyVAE(channels=channels) if args.vae == "toy" else __import__("diffusers").AutoencoderKLWan(
+                **WAN_VAE_KWARGS)
+        train_vae(vae, data, args, rng, log)
     log["time_s"]["vae"] = time.time() - t0
 
     calib_idx = calibration_indices(len(prompts), args.clips_per_prompt)

@@ -93,8 +93,9 @@ def main(argv=None) -> dict[str, dict[str, float]]:
     ap.add_argument("--frames", type=int, default=None, help="frames per clip (default: the model's, see --size)")
     ap.add_argument("--size", type=int, default=None,
                     help="frame height and width (default: the model's, from its pretrain_log.json, else 32)")
-    ap.add_argument("--temporal", choices=["auto", "on", "off"], default="auto",
-                    help="include temporal_consistency in overall (auto: when reward_models.temporal exists)")
+    ap.add_argument("--temporal", choices=["auto", "on", "flow", "off"], default="auto",
+                    help="temporal_consistency in overall: auto/on the reward's track-based term, flow the "
+                         "optical-flow reward (motion required), off none")
     ap.add_argument("--calibration", default=None,
                     help="reward calibration JSON (default: <model>/toyworld_reward.json)")
     ap.add_argument("--threads", type=int, default=1)
@@ -107,7 +108,8 @@ def main(argv=None) -> dict[str, dict[str, float]]:
     calibration = args.calibration or str(Path(args.model) / "toyworld_reward.json")
     if not Path(calibration).exists():
         calibration = None
-    reward = ToyWorldReward(calibration=calibration, temporal={"auto": None, "on": True, "off": False}[args.temporal])
+    modes = {"auto": None, "on": True, "flow": "flow", "off": False}
+    reward = ToyWorldReward(calibration=calibration, temporal=modes[args.temporal])
     pipe = load_pipeline(args.model)
     prompts = read_prompt_file(args.prompts)
     t0 = time.time()

@@ -14,7 +14,7 @@ import numpy as np
 from .grammar import BACKGROUND, COLOURS, DIRECTIONS, SHAPES, Prompt, parse_prompt
 
 # At 64 px: half-extent of every shape (its bounding box is 2*HALF wide), and motion per frame.
-HALF_RANGE = (8.0, 10.0)
+HALF_RANGE = (13.0, 15.0)
 SPEED = 3.0
 SUPERSAMPLE = 4
 # Frame size of the embedded default (assets/toy_wan): 9 frames of 32x32, a latent of 16 x 3 x 4 x 4 numbers.
