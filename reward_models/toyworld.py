@@ -5,8 +5,8 @@ in [0, 1] that a clip cannot raise by fading, shrinking or freezing its object:
 
 - the object: per frame, pixels more than ``MASK_THRESHOLD`` (RGB distance) from the background, the median colour of
   the frame's border, reduced to the largest 8-connected region and, within it, to the pixels above half its own
-  contrast (``HALF_CONTRAST``: a blurred edge keeps its place at half contrast); a frame whose region is smaller than ``MIN_AREA``
-  (at 64x64, scaled with the area) shows no object;
+  contrast (``HALF_CONTRAST``: a blurred edge keeps its place at half contrast); a frame whose region is smaller
+  than ``MIN_AREA`` (at 64x64, scaled with the area) shows no object;
 - ``colour``: ``exp(-d^2 / (2 * COLOUR_SIGMA^2))``, ``d`` the RGB distance from the object's colour (per frame, the
   median over the object's pixels; averaged over the frames that show it) to the prompt's palette colour. An absolute
   distance, not a choice among the six palette colours: an object faded halfway toward the background, or of an
@@ -14,9 +14,10 @@ in [0, 1] that a clip cannot raise by fading, shrinking or freezing its object:
 - ``shape``: a Gaussian kernel classifier over mask features (``FEATURES``, averaged over the frames that show the
   object) against reference features of each shape: the prompt shape's probability, times the mean over frames of a
   size factor (1 within the world's object sizes, falling in proportion to the area below ``SIZE_TOLERANCE`` times
-  the smallest ground-truth area, or above ``SIZE_GROWTH`` times the largest; a frame without an object counts 0). References are measured on rendered
-  ground truth at construction time and, from a calibration file (``assets/toy_wan/toyworld_reward.json``), on
-  ground truth passed through the model's VAE, with the kernel's covariance measured there (within-shape);
+  the smallest ground-truth area, or above ``SIZE_GROWTH`` times the largest; a frame without an object counts 0).
+  References are measured on rendered ground truth at construction time and, from a calibration file
+  (``assets/toy_wan/toyworld_reward.json``), on ground truth passed through the model's VAE, with the kernel's
+  covariance measured there (within-shape);
 - ``direction`` (T > 1): the object centroid's least-squares velocity over the frames that show it, times T - 1,
   projected on the prompt's direction and divided by the ground-truth travel, clipped to [0, 1]: graded, 0 for a
   frozen, perpendicular or backwards object;

@@ -1,6 +1,6 @@
 """Pretrain the embedded default model on toy-world clips and save it as a diffusers directory.
 
-    python tools/pretrain_tiny.py --out assets/toy_wan           # the shipped model (~12 min on an idle 2-core machine)
+    python tools/pretrain_tiny.py --out assets/toy_wan           # the shipped model (docs/TOYWORLD.md: time)
 
 Stages, each with a progress bar: (1) render a fixed dataset of clips for the training prompts; (2) train the VAE to
 reconstruct them (ToyVAE by default, ``--vae wan`` for AutoencoderKLWan); (3) calibrate the reward's shape references
@@ -67,12 +67,12 @@ def parse_args(argv=None):
     p.add_argument("--l1-weight", type=float, default=1.0, help="weight of the absolute error beside the squared one")
     p.add_argument("--vae-channels", default="64,128", help="ToyVAE widths at H/2-H/4 and at H/8")
     p.add_argument("--kl-weight", type=float, default=1e-4)
-    p.add_argument("--steps", type=int, default=1000, help="transformer steps")
+    p.add_argument("--steps", type=int, default=2000, help="transformer steps")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--text-lr", type=float, default=1e-3, help="text encoder learning rate (0 keeps it frozen)")
     p.add_argument("--cfg-dropout", type=float, default=0.1)
-    p.add_argument("--eval-every", type=int, default=250, help="steps between validation rewards")
+    p.add_argument("--eval-every", type=int, default=500, help="steps between validation rewards")
     p.add_argument("--eval-clips", type=int, default=48, help="validation clips (training prompts, fresh seeds)")
     p.add_argument("--guidance", type=float, default=4.0)
     p.add_argument("--select", choices=["last", "best"], default="last",
