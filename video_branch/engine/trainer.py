@@ -298,6 +298,10 @@ class Trainer:
     def export_final(self) -> Optional[Path]:
         """Write ``final/``: the model directory with the trained transformer, loadable by WanPipeline."""
         lora = self.cfg.model.lora
+        if self.cfg.parallel.zero_stage == 3:
+            # Evaluation ran on the ZeRO-3 module (rollout.gathered_weights: false): wait for its prefetched
+            # parameters and release them, or gathering them for the export fails with "a param in flight".
+            self.policy.engine.empty_partition_cache()
         return export_pipeline_dir(self.policy.engine.module, self.cfg.model.path, self.run_dir / "final",
                                    is_main=self.dist.is_main, zero3=self.cfg.parallel.zero_stage == 3,
                                    lora_scale=lora_scale(lora) if lora.rank > 0 else 0.0)
