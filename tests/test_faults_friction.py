@@ -64,3 +64,21 @@ def test_reward_curve_draws_the_mean_on_top_and_names_identical_terms(tmp_path, 
     labels = [lab for lab, _ in drawn if lab is not None]
     assert labels == ["reward/toyworld/colour", "reward_mean (= reward/toyworld)"]  # the mean last, on top
     assert drawn[-1][1] == 3
+
+
+def test_pretrain_tiny_checks_step_counts_and_trains_a_short_vae_schedule(capsys):
+    import pretrain_tiny  # noqa: E402
+    import torch
+
+    with pytest.raises(SystemExit):
+        pretrain_tiny.parse_args(["--out", "/tmp/unused", "--vae-steps", "2"])
+    assert "--vae-steps: expected an integer >= 3, got 2" in capsys.readouterr().err
+    args = pretrain_tiny.parse_args(["--out", "/tmp/unused", "--vae-steps", "20"])
+    # 20 steps used to raise ZeroDivisionError in OneCycleLR (a warm-up of 0.05 * 20 = 1 step): run the schedule the
+    # script builds, step by step.
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=args.vae_lr)
+    sched = pretrain_tiny.vae_schedule(opt, args)
+    for _ in range(args.vae_steps - 1):
+        opt.step()
+        sched.step()
+    assert sched.get_last_lr()[0] < args.vae_lr

@@ -46,6 +46,13 @@ WAN_VAE_KWARGS = {"base_dim": 16, "z_dim": 16, "dim_mult": [1, 2, 2, 2], "num_re
                       "temperal_downsample": [False, True, True]}
 
 
+def vae_schedule(opt, args):
+    """The VAE's one-cycle learning rate, with a warm-up of at least 2 steps (OneCycleLR divides by its length - 1,
+    so 5% of 20 steps raised ZeroDivisionError)."""
+    return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.vae_lr, total_steps=args.vae_steps,
+                                               pct_start=max(0.05, 2.0 / args.vae_steps))
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="assets/toy_wan", help="output diffusers directory")
@@ -79,7 +86,12 @@ def parse_args(argv=None):
                    help="checkpoint to save: the last one, or the best validation overall reward")
     p.add_argument("--calibrate-only", action="store_true",
                    help="only rewrite <out>/toyworld_reward.json from the directory's VAE")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    for flag, value, least in (("--vae-steps", args.vae_steps, 3), ("--steps", args.steps, 1),
+                               ("--eval-every", args.eval_every, 1)):
+        if value < least:
+            p.error(f"{flag}: expected an integer >= {least}, got {value}")
+    return args
 
 
 def to_unit(frames_u8: torch.Tensor) -> torch.Tensor:
@@ -99,7 +111,7 @@ def object_mask(x: torch.Tensor) -> torch.Tensor:
 
 def train_vae(vae, data: torch.Tensor, args, rng: np.random.Generator, log: dict) -> None:
     opt = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.vae_lr, total_steps=args.vae_steps, pct_start=0.05)
+    sched = vae_schedule(opt, args)
     vae.train()
     bar = tqdm(range(args.vae_steps), desc="vae", dynamic_ncols=True)
     for step in bar:
