@@ -75,6 +75,8 @@ def parse_args(argv=None):
     p.add_argument("--vae-channels", default="64,128", help="ToyVAE widths at H/2-H/4 and at H/8")
     p.add_argument("--kl-weight", type=float, default=1e-4)
     p.add_argument("--steps", type=int, default=2000, help="transformer steps")
+    p.add_argument("--patch", default="1,2,2",
+                   help="transformer patch size (t,h,w); 1,1,1 gives one token per latent cell")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--text-lr", type=float, default=1e-3, help="text encoder learning rate (0 keeps it frozen)")
@@ -92,6 +94,14 @@ def parse_args(argv=None):
         if value < least:
             p.error(f"{flag}: expected an integer >= {least}, got {value}")
     return args
+
+
+def patch_size(text: str) -> tuple[int, int, int]:
+    try:
+        t, h, w = (int(v) for v in text.split(","))
+    except ValueError as e:
+        raise SystemExit(f"--patch: expected three integers t,h,w such as 1,2,2; got {text!r}") from e
+    return t, h, w
 
 
 def to_unit(frames_u8: torch.Tensor) -> torch.Tensor:
@@ -284,7 +294,7 @@ def main(argv=None) -> dict:
     vae.register_to_config(latents_mean=mean.tolist(), latents_std=std.tolist())
     x0_all = (latents - mean.view(1, -1, 1, 1, 1)) / std.view(1, -1, 1, 1, 1)
 
-    pipe = build_tiny_wan(None, seed=args.seed, vocab=vocabulary(), transformer_kwargs=TRANSFORMER_KWARGS,
+    pipe = build_tiny_wan(None, seed=args.seed, vocab=vocabulary(), transformer_kwargs={**TRANSFORMER_KWARGS, "patch_size": patch_size(args.patch)},
                           vae=vae, text_kwargs=TEXT_KWARGS, shift=3.0)
     transformer, text_encoder = pipe.transformer, pipe.text_encoder
     shift = pipe.scheduler.config.shift

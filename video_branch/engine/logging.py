@@ -64,6 +64,32 @@ def archive_previous_run(run_dir: str | Path) -> Optional[Path]:
     return dest
 
 
+def heldout_series(rows: List[Dict[str, Any]]) -> Dict[str, tuple]:
+    """eval.jsonl rows -> {term: (iterations, means, ci95s)} for every numeric key with a ``<key>_ci95`` beside it.
+
+    A reward's own total (``toyworld``) is left out where its terms (``toyworld/...``) are present; with a single
+    reward the ``toyworld/`` prefix is dropped from the names. A resumed run can log an iteration twice: the last row
+    wins."""
+    by_it: Dict[int, Dict[str, Any]] = {}
+    for r in rows:
+        if isinstance(r.get("iteration"), int):
+            by_it[r["iteration"]] = r
+    keys: List[str] = []
+    for r in by_it.values():
+        for k, v in r.items():
+            if (not k.endswith("_ci95") and isinstance(v, (int, float)) and isinstance(r.get(f"{k}_ci95"), (int, float))
+                    and not any(x.startswith(f"{k}/") for x in r) and k not in keys):
+                keys.append(k)
+    prefixes = {k.split("/")[0] for k in keys if "/" in k}
+    strip = len(prefixes) == 1 and all("/" in k for k in keys)
+    out: Dict[str, tuple] = {}
+    for k in keys:
+        pts = [(it, float(r[k]), float(r[f"{k}_ci95"])) for it, r in sorted(by_it.items())
+               if isinstance(r.get(k), (int, float)) and isinstance(r.get(f"{k}_ci95"), (int, float))]
+        out[k.split("/", 1)[1] if strip else k] = tuple(list(x) for x in zip(*pts))
+    return out
+
+
 class RunLogger:
     def __init__(self, run_dir: Path, *, enabled: bool, tensorboard: bool = True, plot_every: int = 1):
         self.run_dir = Path(run_dir)
@@ -132,12 +158,16 @@ class RunLogger:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        fig, ax = plt.subplots(figsize=(6, 3.5))
+        heldout = heldout_series(read_metrics(self.run_dir / "eval.jsonl"))
+        fig, axes = plt.subplots(1, 2 if heldout else 1, figsize=(11 if heldout else 6, 3.5), squeeze=False)
+        ax = axes[0, 0]
         keys = sorted({k for r in rows for k in r if k.startswith("reward/")})
         window = max(1, min(10, len(rows) // 10))  # per-iteration rewards are noisy: draw a trailing mean over them
         def series(k):
             return [r["iteration"] for r in rows if r.get(k) is not None], [r[k] for r in rows if r.get(k) is not None]
 
+        terms = sorted({k.rsplit("/", 1)[-1] for k in keys} | set(heldout))
+        colours = {t: f"C{i % 10}" for i, t in enumerate(t for t in terms if t != "overall")}  # one colour per term
         mean = series("reward_mean")
         same = [k for k in keys if series(k) == mean]  # a single weight-1 reward equals reward_mean: named in its label
         for k in [*(k for k in keys if k not in same), "reward_mean"]:  # reward_mean last, on top
@@ -145,14 +175,25 @@ class RunLogger:
             if xs:
                 bold = k == "reward_mean"
                 label = f"{k} (= {', '.join(same)})" if bold and same else k
-                (line,) = ax.plot(xs, ys, lw=0.6, alpha=0.35, color="black" if bold else None)
+                colour = "black" if bold else colours.get(k.rsplit("/", 1)[-1])
+                (line,) = ax.plot(xs, ys, lw=0.6, alpha=0.35, color=colour)
                 ax.plot(xs, trailing_mean(ys, window), color=line.get_color(), label=label, lw=2.2 if bold else 1.2,
                         zorder=3 if bold else 2)
         ax.set_xlabel("iteration")
         ax.set_ylabel("training reward")
-        ax.set_title(f"faint: per iteration; solid: mean of the last {window}", fontsize=8)
+        ax.set_title(f"training prompts. faint: per iteration; solid: mean of the last {window}", fontsize=8)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
+        if heldout:
+            hx = axes[0, 1]
+            for k, (xs, ys, ci) in heldout.items():
+                hx.errorbar(xs, ys, yerr=ci, marker="o", capsize=3, lw=2.2 if k == "overall" else 1.2,
+                            color="black" if k == "overall" else colours.get(k), label=k)
+            hx.set_xlabel("iteration")
+            hx.set_ylabel("held-out reward")
+            hx.set_title("held-out prompts, same seeds at every point (bars: 95% CI)", fontsize=8)
+            hx.grid(alpha=0.3)
+            hx.legend(fontsize=7)
         fig.tight_layout()
         out = self.run_dir / "reward_curve.png"
         tmp = self.run_dir / "reward_curve.tmp.png"

@@ -260,6 +260,7 @@ class Trainer:
                                 self.reward)
         summary = summarize(scores)
         self.logger.log_eval(name, iteration, summary)
+        self.logger.plot()
         return summary
 
     def _evaluate_before(self) -> Dict[str, float]:
