@@ -114,6 +114,26 @@ def test_toy_vae_latent_shape_and_roundtrip(tmp_path):
         vae.encode(torch.zeros(1, 3, 8, 32, 32))
 
 
+def test_toy_vae_position_code_leaves_reconstructions_unchanged_and_shows_in_normalised_latents():
+    std = [0.5 + 0.1 * c for c in range(16)]
+    plain = ToyVAE(channels=(8, 8), latents_mean=[0.0] * 16, latents_std=std).eval()
+    coded = ToyVAE(channels=(8, 8), latents_mean=[0.0] * 16, latents_std=std, position_code=2.0).eval()
+    coded.load_state_dict(plain.state_dict())
+    x = torch.rand(2, 3, 9, 32, 48) * 2 - 1
+    with torch.no_grad():
+        z0, z1 = plain.encode(x).latent_dist.mode(), coded.encode(x).latent_dist.mode()
+        assert torch.allclose(coded.decode(z1).sample, plain.decode(z0).sample, atol=1e-5)
+    # In normalised units the difference is 2 x cos(pi k (i + 1/2) / n + phase) of the cell's column (channels 0-7)
+    # or row (8-15), with k = 1..4 and the phase 0 or pi/2 alternating between channels; the same in every frame.
+    diff = (z1 - z0) / torch.tensor(std).view(1, -1, 1, 1, 1)
+    for c, (axis, n) in enumerate([("x", 6)] * 8 + [("y", 4)] * 8):
+        k, phase = (c % 8) // 2 + 1, (c % 2) * math.pi / 2
+        for i in range(n):
+            want = 2.0 * math.cos(math.pi * k * (i + 0.5) / n + phase)
+            got = diff[:, c, :, :, i] if axis == "x" else diff[:, c, :, i, :]
+            assert torch.allclose(got, torch.full_like(got, want), atol=1e-5), (c, i)
+
+
 def test_short_text_training_matches_full_padded_prompts():
     from video_branch.models.tiny import build_tiny_wan
     from video_branch.toyworld.generate import prompt_embeddings
@@ -250,3 +270,34 @@ def test_native_clip_reads_the_pretraining_log(tmp_path):
     with pytest.raises(ValueError, match="pretrain_log.json.*args.frames"):
         native_clip(str(tmp_path))
     assert native_clip(str(SHIPPED)) == (9, 32)
+
+
+def test_native_text_length_reads_the_tokenizers_model_max_length(tmp_path):
+    from video_branch.toyworld.generate import native_text_length
+
+    tok = tmp_path / "tokenizer"
+    assert native_text_length(tmp_path) == 512  # no tokenizer config: WanPipeline's length
+    tok.mkdir()
+    for value, want in ((16, 16), (511, 511), (512, 512), (10**30, 512), (None, 512), (True, 512), (0, 512)):
+        (tok / "tokenizer_config.json").write_text(json.dumps({"model_max_length": value}))
+        assert native_text_length(tmp_path) == want, value
+    (tok / "tokenizer_config.json").write_text("{not json")
+    with pytest.raises(ValueError, match="tokenizer_config.json"):
+        native_text_length(tmp_path)
+
+
+def test_pretrain_tiny_checks_its_new_flags(capsys, monkeypatch):
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "tools"))
+    import pretrain_tiny
+
+    args = pretrain_tiny.parse_args(["--out", "/tmp/unused", "--patch", "1,1,1", "--text-pad", "16",
+                                     "--position-code", "2"])
+    assert args.patch_size == (1, 1, 1) and args.text_pad == 16 and args.position_code == 2.0
+    for flags, message in ((["--patch", "1,2"], "--patch: expected three integers"),
+                           (["--patch", "1,0,2"], "--patch: every entry must be >= 1"),
+                           (["--text-pad", "4"], "--text-pad: expected an integer >= 8"),
+                           (["--text-pad", "600"], "--text-pad: expected at most 512"),
+                           (["--position-code", "-1"], "--position-code: expected a finite number >= 0")):
+        with pytest.raises(SystemExit):
+            pretrain_tiny.parse_args(["--out", "/tmp/unused", *flags])
+        assert message in capsys.readouterr().err, flags

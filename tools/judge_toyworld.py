@@ -149,7 +149,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    from video_branch.toyworld.generate import generate
+    from video_branch.toyworld.generate import generate, native_text_length
 
     prompts = read_prompt_file(args.prompts)
     flat = [p for p in prompts for _ in range(args.clips_per_prompt)]
@@ -161,7 +161,7 @@ def main(argv=None) -> dict:
     scores, t0 = {}, time.time()
     for name, path in models.items():
         clips = generate(load(path), flat, seeds, num_inference_steps=args.steps, guidance_scale=args.guidance,
-                         num_frames=frames, size=size)
+                         num_frames=frames, size=size, max_sequence_length=native_text_length(path))
         scores[name] = judge(clips.numpy(), flat)
     report = {"args": vars(args), "clips": len(flat),
               "models": {n: {k: stratified(v[k], groups) for k in TERMS} for n, v in scores.items()}}

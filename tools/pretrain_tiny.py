@@ -77,6 +77,10 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=2000, help="transformer steps")
     p.add_argument("--patch", default="1,2,2",
                    help="transformer patch size (t,h,w); 1,1,1 gives one token per latent cell")
+    p.add_argument("--text-pad", type=int, default=512,
+                   help="text length prompts are zero-padded to, in training and in the saved model's use")
+    p.add_argument("--position-code", type=float, default=0.0,
+                   help="amplitude of ToyVAE's latent position code, in latent standard deviations (0: none)")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--text-lr", type=float, default=1e-3, help="text encoder learning rate (0 keeps it frozen)")
@@ -90,17 +94,28 @@ def parse_args(argv=None):
                    help="only rewrite <out>/toyworld_reward.json from the directory's VAE")
     args = p.parse_args(argv)
     for flag, value, least in (("--vae-steps", args.vae_steps, 3), ("--steps", args.steps, 1),
-                               ("--eval-every", args.eval_every, 1)):
+                               ("--eval-every", args.eval_every, 1), ("--text-pad", args.text_pad, 8)):
         if value < least:
             p.error(f"{flag}: expected an integer >= {least}, got {value}")
+    if args.text_pad > 512:
+        p.error(f"--text-pad: expected at most 512 (WanPipeline's length), got {args.text_pad}")
+    if not math.isfinite(args.position_code) or args.position_code < 0:
+        p.error(f"--position-code: expected a finite number >= 0, got {args.position_code}")
+    try:
+        args.patch_size = patch_size(args.patch)
+    except ValueError as e:
+        p.error(str(e))
     return args
 
 
 def patch_size(text: str) -> tuple[int, int, int]:
+    """"1,2,2" -> (1, 2, 2); the latent (3 x 4 x 4 at 9 frames of 32x32) must divide by it."""
     try:
         t, h, w = (int(v) for v in text.split(","))
-    except ValueError as e:
-        raise SystemExit(f"--patch: expected three integers t,h,w such as 1,2,2; got {text!r}") from e
+    except ValueError:
+        raise ValueError(f"--patch: expected three integers t,h,w such as 1,2,2; got {text!r}") from None
+    if min(t, h, w) < 1:
+        raise ValueError(f"--patch: every entry must be >= 1, got {text!r}")
     return t, h, w
 
 
@@ -211,8 +226,9 @@ def flow_matching_loss(transformer, x0, emb, shift: float, gen: torch.Generator)
     return F.mse_loss(pred.float(), noise - x0)
 
 
-def validate(pipe, reward, prompts, seeds, guidance: float, num_frames: int, size: int) -> dict:
-    frames = generate(pipe, prompts, seeds, guidance_scale=guidance, num_frames=num_frames, size=size)
+def validate(pipe, reward, prompts, seeds, guidance: float, num_frames: int, size: int, text_pad: int = 512) -> dict:
+    frames = generate(pipe, prompts, seeds, guidance_scale=guidance, num_frames=num_frames, size=size,
+                      max_sequence_length=text_pad)
     scores = reward(frames, prompts)
     return {k: float(v.mean()) for k, v in scores.items()}
 
@@ -292,9 +308,13 @@ def main(argv=None) -> dict:
     mean = latents.mean(dim=(0, 2, 3, 4))
     std = latents.std(dim=(0, 2, 3, 4)).clamp_min(1e-3)
     vae.register_to_config(latents_mean=mean.tolist(), latents_std=std.tolist())
+    if args.position_code and args.vae == "toy":
+        vae.register_to_config(position_code=args.position_code)
+        latents = latents + vae.position_offset(*latents.shape[3:])
     x0_all = (latents - mean.view(1, -1, 1, 1, 1)) / std.view(1, -1, 1, 1, 1)
 
-    pipe = build_tiny_wan(None, seed=args.seed, vocab=vocabulary(), transformer_kwargs={**TRANSFORMER_KWARGS, "patch_size": patch_size(args.patch)},
+    pipe = build_tiny_wan(None, seed=args.seed, vocab=vocabulary(), transformer_kwargs={**TRANSFORMER_KWARGS,
+                                                                           "patch_size": args.patch_size},
                           vae=vae, text_kwargs=TEXT_KWARGS, shift=3.0)
     transformer, text_encoder = pipe.transformer, pipe.text_encoder
     shift = pipe.scheduler.config.shift
@@ -317,7 +337,7 @@ def main(argv=None) -> dict:
     def checkpoint(step):
         transformer.eval()
         text_encoder.eval()
-        v = validate(pipe, reward, val_prompts, val_seeds, args.guidance, args.frames, args.size)
+        v = validate(pipe, reward, val_prompts, val_seeds, args.guidance, args.frames, args.size, args.text_pad)
         v["step"] = step
         log["validation"].append(v)
         checkpoints[step] = (copy.deepcopy(transformer.state_dict()), copy.deepcopy(text_encoder.state_dict()))
@@ -333,7 +353,7 @@ def main(argv=None) -> dict:
         idx = rng.integers(0, len(data), args.batch)
         batch_texts = ["" if rng.random() < args.cfg_dropout else texts[i] for i in idx]
         with short_text_attention(transformer) as fast_attn:
-            emb, fast_attn["bias"] = short_embeddings(pipe.tokenizer, text_encoder, batch_texts)
+            emb, fast_attn["bias"] = short_embeddings(pipe.tokenizer, text_encoder, batch_texts, args.text_pad)
             loss = flow_matching_loss(transformer, x0_all[idx], emb, shift, gen)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -356,6 +376,8 @@ def main(argv=None) -> dict:
     log["selected_step"] = chosen
     transformer.eval()
     text_encoder.eval()
+    if args.text_pad < 512:  # the length the transformer was trained to read (video_branch.models.text)
+        pipe.tokenizer.model_max_length = args.text_pad
     pipe.save_pretrained(str(out))
     log["time_s"]["total"] = time.time() - t_start
     (log_dir / "pretrain_log.json").write_text(json.dumps(log))

@@ -371,6 +371,23 @@ def run_defaults(sources) -> dict:
     return out
 
 
+def text_length(source) -> int:
+    """Text tokens to pad prompts to for this model: its run's ``model.max_sequence_length`` (config.yaml) when it
+    comes from a run, else what its pipeline directory declares (``native_text_length``: 512 for Wan)."""
+    import yaml
+
+    from video_branch.engine.sampling import base_model_path
+    from video_branch.toyworld.generate import native_text_length
+
+    if source.run_dir is not None:
+        cfg_file = source.run_dir / "config.yaml"
+        if cfg_file.is_file():
+            model = (yaml.safe_load(cfg_file.read_text()) or {}).get("model") or {}
+            if isinstance(model.get("max_sequence_length"), int):
+                return int(model["max_sequence_length"])
+    return native_text_length(source.path if source.kind == "diffusers" else base_model_path(source.run_dir))
+
+
 def scheduler_shift(source) -> float | None:
     """The flow shift in the model's scheduler config (FlowMatchEuler 'shift' or UniPC 'flow_shift')."""
     from video_branch.engine.sampling import base_model_path
@@ -461,7 +478,7 @@ def run(args) -> int:
             frames = generate(models, prompts, seeds, num_steps=args.steps, guidance_scale=args.guidance,
                               shift=shift, num_frames=num_frames, height=height, width=width,
                               negative_prompt=args.negative_prompt, frontier_batch=args.frontier_batch,
-                              progress=progress)
+                              progress=progress, max_sequence_length=text_length(src))
             del models
             if rewards:
                 bar.set_description(f"{src.name}: score")

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from .generate import generate
+from .generate import generate, native_text_length
 from .grammar import read_prompt_file
 from .render import DEFAULT_FRAMES, DEFAULT_SIZE
 
@@ -47,13 +47,13 @@ def stratified_mean_ci(values: torch.Tensor, groups: Sequence[int]) -> dict[str,
 
 def evaluate(pipe, reward, prompts: list[str], clips_per_prompt: int = 8, seed: int = 0,
              num_inference_steps: int = 20, guidance_scale: float = 4.0, num_frames: int = DEFAULT_FRAMES,
-             size: int = DEFAULT_SIZE) -> dict[str, dict[str, float]]:
+             size: int = DEFAULT_SIZE, max_sequence_length: int = 512) -> dict[str, dict[str, float]]:
     """Generate ``clips_per_prompt`` clips per prompt, score them, and summarise each reward term."""
     flat = [p for p in prompts for _ in range(clips_per_prompt)]
     groups = [i for i in range(len(prompts)) for _ in range(clips_per_prompt)]
     seeds = [seed + 1000 * g + i for g in range(len(prompts)) for i in range(clips_per_prompt)]
     frames = generate(pipe, flat, seeds, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
-                      num_frames=num_frames, size=size)
+                      num_frames=num_frames, size=size, max_sequence_length=max_sequence_length)
     scores = reward(frames, flat)
     return {k: stratified_mean_ci(v, groups) for k, v in scores.items()}
 
@@ -117,7 +117,7 @@ def main(argv=None) -> dict[str, dict[str, float]]:
     args.frames = args.frames or frames
     args.size = args.size or size
     summary = evaluate(pipe, reward, prompts, args.clips_per_prompt, args.seed, args.steps, args.guidance,
-                       args.frames, args.size)
+                       args.frames, args.size, native_text_length(args.model))
     n = len(prompts) * args.clips_per_prompt
     print(f"{args.model} on {args.prompts}: {n} clips of {args.frames} x {args.size}x{args.size}, {args.steps} Euler "
           f"steps, guidance {args.guidance} ({time.time() - t0:.1f} s)")

@@ -10,6 +10,8 @@ background long before the objects (docs/TOYWORLD.md), while this network recons
 
 from __future__ import annotations
 
+import math
+
 import torch
 from diffusers import ModelMixin
 from diffusers.configuration_utils import ConfigMixin, register_to_config
@@ -71,6 +73,7 @@ class ToyVAE(ModelMixin, ConfigMixin):
         latents_std: list[float] | None = None,
         scale_factor_temporal: int = 4,
         scale_factor_spatial: int = 8,
+        position_code: float = 0.0,
     ):
         super().__init__()
         if scale_factor_temporal != TIME_FOLD or scale_factor_spatial != 8:
@@ -97,6 +100,30 @@ class ToyVAE(ModelMixin, ConfigMixin):
         )
         self.z_dim = z_dim
 
+    def position_offset(self, h: int, w: int) -> torch.Tensor:
+        """The latent's position code, [1, z_dim, 1, h, w]: ``position_code`` x a fixed pattern of the latent cell's
+        column (channels 0-7) and row (8-15), in units of ``latents_std`` (zero when ``position_code`` is 0).
+
+        The encoder adds it and the decoder removes it, so reconstructions are unchanged; a WanTransformer3DModel has
+        no absolute position of its own (rotary positions are relative, its patch embedding is translation
+        equivariant), and on noisy inputs it cannot tell where a token is. With the code, the normalised latent
+        ``(z - mean) / std`` carries ``position_code`` x the pattern at every cell, visible through the noise.
+        """
+        a = float(self.config.position_code)
+        out = torch.zeros(1, self.z_dim, 1, h, w)
+        if a == 0.0:
+            return out
+        for c in range(self.z_dim):
+            n, length = (w, w) if c % 16 < 8 else (h, h)
+            k = (c % 8) // 2 + 1
+            pos = (torch.arange(n, dtype=torch.float32) + 0.5) / length
+            wave = torch.cos(math.pi * k * pos + (c % 2) * math.pi / 2)
+            out[0, c, 0] = wave.view(1, w) if c % 16 < 8 else wave.view(h, 1)
+        std = self.config.latents_std
+        if std is not None:
+            out = out * torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1, 1)
+        return a * out
+
     def _check(self, x: torch.Tensor, what: str, channels: int) -> None:
         if x.dim() != 5 or x.shape[1] != channels:
             raise ValueError(f"ToyVAE.{what}: expected [B, {channels}, T, H, W], got {tuple(x.shape)}")
@@ -109,8 +136,11 @@ class ToyVAE(ModelMixin, ConfigMixin):
         if (f - 1) % 4 or h % 8 or w % 8:
             raise ValueError(f"ToyVAE.encode: frames must be 4k+1 and H, W multiples of 8; got F={f}, H={h}, W={w}")
         x = torch.cat([x[:, :, :1].expand(-1, -1, 3, -1, -1), x], dim=2)
-        h = self.encoder(_frames_to_batch(fold(x, TIME_FOLD, SPACE_FOLD)))
-        posterior = DiagonalGaussianDistribution(_batch_to_frames(h, x.shape[0]))
+        h = _batch_to_frames(self.encoder(_frames_to_batch(fold(x, TIME_FOLD, SPACE_FOLD))), x.shape[0])
+        if self.config.position_code:
+            off = self.position_offset(h.shape[3], h.shape[4]).to(h)
+            h = torch.cat([h[:, : self.z_dim] + off, h[:, self.z_dim:]], dim=1)
+        posterior = DiagonalGaussianDistribution(h)
         return AutoencoderKLOutput(latent_dist=posterior) if return_dict else (posterior,)
 
     def decode(self, z: torch.Tensor, return_dict: bool = True):
@@ -122,6 +152,8 @@ class ToyVAE(ModelMixin, ConfigMixin):
     def decode_unclamped(self, z: torch.Tensor) -> torch.Tensor:
         """Decoder output before clamping (training uses it so saturated pixels still get gradients)."""
         b, _, t, h, w = z.shape
+        if self.config.position_code:
+            z = z - self.position_offset(h, w).to(z)
         y = self.decoder(_frames_to_batch(z))  # [B*t, 4 * FRAME_CHANNELS, 4h, 4w]
         y = y.view(b * t * TIME_FOLD, FRAME_CHANNELS, 4 * h, 4 * w)
         y = self.frame_head(y).view(b, t, TIME_FOLD, 3, SPACE_FOLD, SPACE_FOLD, 4 * h, 4 * w)
