@@ -22,7 +22,7 @@ demo: setup
 	$(VENV)/bin/deepspeed --num_gpus 2 --module video_branch.train --config configs/tiny/demo.yaml
 
 test: setup
-	$(VPY) -m pytest -q tests
+	$(VPY) -m pytest -q --durations=15 tests
 
 test-fast: setup
 	$(VPY) -m pytest -q -m "not slow" tests

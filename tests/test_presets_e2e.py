@@ -35,7 +35,7 @@ def runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("presets")
     image = out / "image.yaml"
     image.write_text(yaml.safe_dump({"method": "branchgrpo",
-                                     "model": {"path": "assets/toy_wan", "max_sequence_length": 16, "text_pad_to": 512},
+                                     "model": {"path": "assets/toy_wan", "max_sequence_length": 16},
                                      "video": {"num_frames": 1, "height": 32, "width": 32},
                                      "reward": {"components": {"toyworld": {"weight": 1.0}}}}))
     configs = [*map(str, TINY), f"image={image}"]

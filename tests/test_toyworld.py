@@ -225,13 +225,14 @@ def test_shipped_model_loads_with_diffusers_and_our_loader_and_generates_quickly
 def test_shipped_model_follows_colour():
     from reward_models.toyworld import ToyWorldReward
     from video_branch.toyworld.evaluate import load_pipeline
-    from video_branch.toyworld.generate import generate
+    from video_branch.toyworld.generate import generate, native_text_length
 
     pipe = load_pipeline(str(SHIPPED))
     rm = ToyWorldReward(calibration=str(SHIPPED / "toyworld_reward.json"), temporal=False)
-    n = 6
-    red = generate(pipe, ["a red square moving left"] * n, list(range(n)))
-    blue = generate(pipe, ["a blue square moving left"] * n, list(range(n)))
+    n, length = 6, native_text_length(SHIPPED)
+    assert length == 16  # the shipped transformer reads prompts zero-padded to 16 tokens
+    red = generate(pipe, ["a red square moving left"] * n, list(range(n)), max_sequence_length=length)
+    blue = generate(pipe, ["a blue square moving left"] * n, list(range(n)), max_sequence_length=length)
     as_red = ["a red square moving left"] * n
     assert rm(red, as_red)["colour"].mean() > rm(blue, as_red)["colour"].mean() + 0.3
 
@@ -253,9 +254,8 @@ def test_shipped_model_heldout_shape_is_partly_learned(heldout_summary):
 
 
 @shipped
-@pytest.mark.xfail(strict=True, reason="the shipped model follows the direction word too little: held-out "
-                                       "direction 0.10 +- 0.04 (docs/TOYWORLD.md)")
 def test_shipped_model_heldout_direction_is_partly_learned(heldout_summary):
+    """Held-out direction between 0.3 and 0.8: the model follows the direction word, with room to align."""
     assert 0.3 < heldout_summary["direction"]["mean"] < 0.8, heldout_summary["direction"]
 
 

@@ -74,13 +74,18 @@ def parse_args(argv=None):
     p.add_argument("--l1-weight", type=float, default=1.0, help="weight of the absolute error beside the squared one")
     p.add_argument("--vae-channels", default="64,128", help="ToyVAE widths at H/2-H/4 and at H/8")
     p.add_argument("--kl-weight", type=float, default=1e-4)
-    p.add_argument("--steps", type=int, default=2000, help="transformer steps")
+    p.add_argument("--steps", type=int, default=3000, help="transformer steps")
     p.add_argument("--patch", default="1,2,2",
                    help="transformer patch size (t,h,w); 1,1,1 gives one token per latent cell")
-    p.add_argument("--text-pad", type=int, default=512,
+    p.add_argument("--text-pad", type=int, default=16,
                    help="text length prompts are zero-padded to, in training and in the saved model's use")
-    p.add_argument("--position-code", type=float, default=0.0,
+    p.add_argument("--position-code", type=float, default=2.0,
                    help="amplitude of ToyVAE's latent position code, in latent standard deviations (0: none)")
+    p.add_argument("--schedule-steps", type=int, default=6000,
+                   help="length of the learning-rate schedule (warm-up, cosine decay) if not --steps: train "
+                        "--steps steps of a longer schedule")
+    p.add_argument("--keep-checkpoints", action="store_true",
+                   help="also save the pipeline at every validation step, as <out>/checkpoints/step<N>")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--text-lr", type=float, default=1e-3, help="text encoder learning rate (0 keeps it frozen)")
@@ -97,6 +102,8 @@ def parse_args(argv=None):
                                ("--eval-every", args.eval_every, 1), ("--text-pad", args.text_pad, 8)):
         if value < least:
             p.error(f"{flag}: expected an integer >= {least}, got {value}")
+    if args.schedule_steps is not None and args.schedule_steps < args.steps:
+        p.error(f"--schedule-steps: expected at least --steps ({args.steps}), got {args.schedule_steps}")
     if args.text_pad > 512:
         p.error(f"--text-pad: expected at most 512 (WanPipeline's length), got {args.text_pad}")
     if not math.isfinite(args.position_code) or args.position_code < 0:
@@ -117,6 +124,15 @@ def patch_size(text: str) -> tuple[int, int, int]:
     if min(t, h, w) < 1:
         raise ValueError(f"--patch: every entry must be >= 1, got {text!r}")
     return t, h, w
+
+
+def set_text_length(model_dir: Path, length: int) -> None:
+    """Record in ``<model_dir>/tokenizer/tokenizer_config.json`` (``model_max_length``) how many text tokens the
+    saved transformer was trained to read."""
+    cfg_file = Path(model_dir) / "tokenizer" / "tokenizer_config.json"
+    cfg = json.loads(cfg_file.read_text())
+    cfg["model_max_length"] = int(length)
+    cfg_file.write_text(json.dumps(cfg, indent=2) + "\n")
 
 
 def to_unit(frames_u8: torch.Tensor) -> torch.Tensor:
@@ -325,10 +341,11 @@ def main(argv=None) -> dict:
         text_encoder.requires_grad_(False)
     trainable = [p for g in groups for p in g["params"]]
     opt = torch.optim.AdamW(groups, weight_decay=0.01)
-    warmup = min(200, args.steps // 10)
+    horizon = args.schedule_steps or args.steps
+    warmup = min(200, horizon // 10)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / max(1, warmup))
-                       * (0.5 * (1 + math.cos(math.pi * min(s, args.steps) / args.steps)) * 0.9 + 0.1))
+                       * (0.5 * (1 + math.cos(math.pi * min(s, horizon) / horizon)) * 0.9 + 0.1))
     gen = torch.Generator().manual_seed(args.seed + 4)
     val_prompts = [train_prompts[i % len(train_prompts)].text for i in range(args.eval_clips)]
     val_seeds = [10_000 + i for i in range(args.eval_clips)]
@@ -341,6 +358,11 @@ def main(argv=None) -> dict:
         v["step"] = step
         log["validation"].append(v)
         checkpoints[step] = (copy.deepcopy(transformer.state_dict()), copy.deepcopy(text_encoder.state_dict()))
+        if args.keep_checkpoints:
+            where = out / "checkpoints" / f"step{step}"
+            pipe.save_pretrained(str(where))
+            if args.text_pad < 512:
+                set_text_length(where, args.text_pad)
         tqdm.write(f"step {step}: validation " + ", ".join(f"{k} {x:.3f}" for k, x in v.items() if k != "step"))
         transformer.train()
         text_encoder.train(args.text_lr > 0)
@@ -376,9 +398,9 @@ def main(argv=None) -> dict:
     log["selected_step"] = chosen
     transformer.eval()
     text_encoder.eval()
-    if args.text_pad < 512:  # the length the transformer was trained to read (video_branch.models.text)
-        pipe.tokenizer.model_max_length = args.text_pad
     pipe.save_pretrained(str(out))
+    if args.text_pad < 512:  # the length the transformer reads (video_branch.toyworld.generate.native_text_length)
+        set_text_length(out, args.text_pad)
     log["time_s"]["total"] = time.time() - t_start
     (log_dir / "pretrain_log.json").write_text(json.dumps(log))
     save_curve(log, log_dir / "loss_curve.png")

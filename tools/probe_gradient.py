@@ -97,6 +97,7 @@ def shifted_heldout(trainer, base_model, direction: torch.Tensor, size: float) -
 def probe(trainer, batches: int, first_iteration: int, step_sizes: List[float], max_memory_gb: float,
           log=print) -> Dict:
     from video_branch.core.stats import mean_ci
+    from video_branch.engine.scoring import weighted_total
     from video_branch.engine.trainer import IterationStats
 
     if batches < 3:
@@ -115,7 +116,7 @@ def probe(trainer, batches: int, first_iteration: int, step_sizes: List[float], 
         trainer._stats = IterationStats()
         b = trainer.prepare_batch(first_iteration + k)
         leaves = b.res.tree.leaves()
-        total = sum(w * b.rewards[name][leaves] for name, w in b.weights.items())
+        total = weighted_total(b.weights, b.rewards, leaves)
         trees = b.res.tree.tree[leaves]
         spread.append(float(np.nanmean([np.nanstd(total[trees == t]) for t in np.unique(trees)])))
         leaves_per_batch, edges_per_batch = len(leaves), int(b.trained.sum())

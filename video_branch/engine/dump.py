@@ -8,6 +8,7 @@ from typing import Dict, Mapping
 import numpy as np
 
 from ..core.tree import Tree
+from .scoring import weighted_total
 
 
 def dump_tree(out_dir: Path, iteration: int, rank: int, tree: Tree, rewards: Dict[str, np.ndarray],
@@ -15,7 +16,7 @@ def dump_tree(out_dir: Path, iteration: int, rank: int, tree: Tree, rewards: Dic
     """Write one iteration's trees of one rank; ``leaf_reward`` is the weighted sum of the named rewards."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    leaf_reward = sum(weights[k] * rewards[k] for k in weights)
+    leaf_reward = weighted_total(weights, rewards)
     path = out_dir / f"iter_{iteration:06d}_rank{rank}.npz"
     np.savez(path, tree=tree.tree, parent=tree.parent, depth=tree.depth, step=tree.step, sde=tree.sde,
              logp=tree.logp, leaf_reward=leaf_reward.astype(np.float32), value=values.astype(np.float32),

@@ -24,6 +24,12 @@ def reward_weights(components: Mapping[str, Mapping]) -> Dict[str, float]:
     return {k: float(v.get("weight", 1.0)) for k, v in components.items()}
 
 
+def weighted_total(weights: Mapping[str, float], rewards: Mapping[str, np.ndarray], index=None) -> np.ndarray:
+    """The leaves' reward: ``sum_k weights[k] * rewards[k]`` in the order of ``weights`` (NaN where a weighted
+    component is NaN), over ``rewards[k][index]`` when an index is given; the arrays' dtype is kept."""
+    return sum(w * (rewards[k] if index is None else rewards[k][index]) for k, w in weights.items())
+
+
 def decode(vae, latents: torch.Tensor, d: Dist, batch_size: int) -> torch.Tensor:
     """uint8 frames [B, T, H, W, 3] on the CPU."""
     with torch.no_grad():
@@ -65,7 +71,5 @@ def preview_scores(prompts: Sequence[str], x0_hat: torch.Tensor, vae, reward, d:
     """Weighted reward of decoded one-step previews (Expand-and-Prune); a failed sample scores NaN."""
     frames = decode(vae, x0_hat, d, decode_batch)
     scores = score_frames(reward, frames, list(prompts), d)
-    total = np.zeros(len(prompts))
-    for k, w in weights.items():
-        total = total + w * scores[k].double().numpy()
+    total = np.zeros(len(prompts)) + weighted_total(weights, {k: scores[k].double().numpy() for k in weights})
     return np.where(np.isfinite(total), total, np.nan)

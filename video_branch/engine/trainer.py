@@ -42,7 +42,7 @@ from .phases import get_phase
 from .preflight import check_inputs
 from .rollout import RolloutResult, rollout
 from .rundir import lock_run_dir
-from .scoring import preview_scores, reward_weights, score_leaves
+from .scoring import preview_scores, reward_weights, score_leaves, weighted_total
 from .setup import build_models, build_policy
 
 
@@ -234,7 +234,7 @@ class Trainer:
                  t3: float) -> Dict[str, float]:
         """The iteration's ``metrics.jsonl`` row: rewards and training statistics averaged over ranks, timings."""
         leaves = b.res.tree.leaves()
-        total = sum(b.weights[k] * b.rewards[k][leaves] for k in b.weights)
+        total = weighted_total(b.weights, b.rewards, leaves)
         local = {"reward_mean": float(np.nanmean(total)) if np.isfinite(total).any() else float("nan"),
                  "invalid_leaves": float(np.sum(~np.isfinite(total))),
                  "valid_leaves": float(np.sum(np.isfinite(total)))}
