@@ -82,8 +82,8 @@ def parse_args(argv=None):
     p.add_argument("--position-code", type=float, default=2.0,
                    help="amplitude of ToyVAE's latent position code, in latent standard deviations (0: none)")
     p.add_argument("--schedule-steps", type=int, default=6000,
-                   help="length of the learning-rate schedule (warm-up, cosine decay) if not --steps: train "
-                        "--steps steps of a longer schedule")
+                   help="length of the learning-rate schedule (warm-up, cosine decay), at least --steps: "
+                        "train --steps steps of it")
     p.add_argument("--keep-checkpoints", action="store_true",
                    help="also save the pipeline at every validation step, as <out>/checkpoints/step<N>")
     p.add_argument("--batch", type=int, default=32)
@@ -102,7 +102,7 @@ def parse_args(argv=None):
                                ("--eval-every", args.eval_every, 1), ("--text-pad", args.text_pad, 8)):
         if value < least:
             p.error(f"{flag}: expected an integer >= {least}, got {value}")
-    if args.schedule_steps is not None and args.schedule_steps < args.steps:
+    if args.schedule_steps < args.steps:
         p.error(f"--schedule-steps: expected at least --steps ({args.steps}), got {args.schedule_steps}")
     if args.text_pad > 512:
         p.error(f"--text-pad: expected at most 512 (WanPipeline's length), got {args.text_pad}")
@@ -133,6 +133,14 @@ def set_text_length(model_dir: Path, length: int) -> None:
     cfg = json.loads(cfg_file.read_text())
     cfg["model_max_length"] = int(length)
     cfg_file.write_text(json.dumps(cfg, indent=2) + "\n")
+
+
+def save_pipeline(pipe, model_dir: Path, text_pad: int) -> None:
+    """``pipe.save_pretrained(model_dir)``, with the text length the transformer reads when it is below 512
+    (``video_branch.toyworld.generate.native_text_length`` reads it back)."""
+    pipe.save_pretrained(str(model_dir))
+    if text_pad < 512:
+        set_text_length(model_dir, text_pad)
 
 
 def to_unit(frames_u8: torch.Tensor) -> torch.Tensor:
@@ -341,7 +349,7 @@ def main(argv=None) -> dict:
         text_encoder.requires_grad_(False)
     trainable = [p for g in groups for p in g["params"]]
     opt = torch.optim.AdamW(groups, weight_decay=0.01)
-    horizon = args.schedule_steps or args.steps
+    horizon = args.schedule_steps
     warmup = min(200, horizon // 10)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / max(1, warmup))
@@ -359,10 +367,7 @@ def main(argv=None) -> dict:
         log["validation"].append(v)
         checkpoints[step] = (copy.deepcopy(transformer.state_dict()), copy.deepcopy(text_encoder.state_dict()))
         if args.keep_checkpoints:
-            where = out / "checkpoints" / f"step{step}"
-            pipe.save_pretrained(str(where))
-            if args.text_pad < 512:
-                set_text_length(where, args.text_pad)
+            save_pipeline(pipe, out / "checkpoints" / f"step{step}", args.text_pad)
         tqdm.write(f"step {step}: validation " + ", ".join(f"{k} {x:.3f}" for k, x in v.items() if k != "step"))
         transformer.train()
         text_encoder.train(args.text_lr > 0)
@@ -398,9 +403,7 @@ def main(argv=None) -> dict:
     log["selected_step"] = chosen
     transformer.eval()
     text_encoder.eval()
-    pipe.save_pretrained(str(out))
-    if args.text_pad < 512:  # the length the transformer reads (video_branch.toyworld.generate.native_text_length)
-        set_text_length(out, args.text_pad)
+    save_pipeline(pipe, out, args.text_pad)
     log["time_s"]["total"] = time.time() - t_start
     (log_dir / "pretrain_log.json").write_text(json.dumps(log))
     save_curve(log, log_dir / "loss_curve.png")

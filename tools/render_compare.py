@@ -356,35 +356,38 @@ def _positive(name: str, value, minimum=1):
 
 def run_defaults(sources) -> dict:
     """Video settings of the first model that comes from a run (its config.yaml), else the config defaults."""
-    import yaml
-
     from video_branch.config import VideoConfig
 
     out = {"num_frames": VideoConfig.num_frames, "height": VideoConfig.height, "width": VideoConfig.width,
            "fps": VideoConfig.fps}
     for src in sources:
-        cfg_file = src.run_dir / "config.yaml" if src.run_dir is not None else None
-        if cfg_file is not None and cfg_file.is_file():
-            video = (yaml.safe_load(cfg_file.read_text()) or {}).get("video") or {}
+        video = run_section(src, "video")
+        if video is not None:
             out.update({k: video[k] for k in out if k in video})
             break
     return out
 
 
+def run_section(source, key: str) -> dict | None:
+    """Section ``key`` of the config.yaml of the run a model comes from ({} when absent); None when the model is not
+    from a run, or the run has no config.yaml."""
+    import yaml
+
+    cfg_file = source.run_dir / "config.yaml" if source.run_dir is not None else None
+    if cfg_file is None or not cfg_file.is_file():
+        return None
+    return (yaml.safe_load(cfg_file.read_text()) or {}).get(key) or {}
+
+
 def text_length(source) -> int:
     """Text tokens to pad prompts to for this model: its run's ``model.max_sequence_length`` (config.yaml) when it
     comes from a run, else what its pipeline directory declares (``native_text_length``: 512 for Wan)."""
-    import yaml
-
     from video_branch.engine.sampling import base_model_path
     from video_branch.toyworld.generate import native_text_length
 
-    if source.run_dir is not None:
-        cfg_file = source.run_dir / "config.yaml"
-        if cfg_file.is_file():
-            model = (yaml.safe_load(cfg_file.read_text()) or {}).get("model") or {}
-            if isinstance(model.get("max_sequence_length"), int):
-                return int(model["max_sequence_length"])
+    model = run_section(source, "model") or {}
+    if isinstance(model.get("max_sequence_length"), int):
+        return int(model["max_sequence_length"])
     return native_text_length(source.path if source.kind == "diffusers" else base_model_path(source.run_dir))
 
 

@@ -114,11 +114,11 @@ class ToyVAE(ModelMixin, ConfigMixin):
         if a == 0.0:
             return out
         for c in range(self.z_dim):
-            n, length = (w, w) if c % 16 < 8 else (h, h)
-            k = (c % 8) // 2 + 1
-            pos = (torch.arange(n, dtype=torch.float32) + 0.5) / length
-            wave = torch.cos(math.pi * k * pos + (c % 2) * math.pi / 2)
-            out[0, c, 0] = wave.view(1, w) if c % 16 < 8 else wave.view(h, 1)
+            column = c % 16 < 8
+            n = w if column else h
+            pos = (torch.arange(n, dtype=torch.float32) + 0.5) / n
+            wave = torch.cos(math.pi * ((c % 8) // 2 + 1) * pos + (c % 2) * math.pi / 2)
+            out[0, c, 0] = wave.view(1, w) if column else wave.view(h, 1)
         std = self.config.latents_std
         if std is not None:
             out = out * torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1, 1)
