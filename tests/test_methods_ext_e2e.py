@@ -5,8 +5,6 @@ All runs share one distributed launch (``tests/dist_workers/train_presets.py``);
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -19,7 +17,8 @@ from video_branch.config.specs import config_accounting
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 sys.path.insert(0, str(ROOT / "tests"))
-from test_train_e2e import _free_port, metrics
+from conftest import shared_jobs
+from test_train_e2e import metrics
 
 SAMPLE_SHRINK = ["train.iterations=2", "train.checkpoint_every=0", "eval.num_prompts=1", "eval.clips_per_prompt=1",
                  "eval.num_steps=2", "logging.plot_every=0", "logging.tensorboard=false", "tree.roots=4",
@@ -40,11 +39,11 @@ def _jobs(cfg: Path):
     }
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
+@shared_jobs
+def _shared(d: Path) -> list[str]:
+    """The tiny model, prompts and base config in ``d``; the jobs run in the session's shared 2-rank launch."""
     from video_branch.models.tiny import build_tiny_wan
 
-    d = tmp_path_factory.mktemp("tiny_ext")
     build_tiny_wan(d / "model", seed=0)
     (d / "train.txt").write_text("a red circle moving left\na blue square moving right\n")
     (d / "heldout.txt").write_text("a red square moving down\n")
@@ -59,14 +58,13 @@ eval: {{prompt_file: {d / 'heldout.txt'}, clips_per_prompt: 1, num_steps: 2}}
 logging: {{plot_every: 0, tensorboard: false}}
 """
     )
-    out = d / "runs"
-    jobs = ["@".join([f"{name}={path}", *over]) for name, (path, over) in _jobs(cfg).items()]
-    cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", str(_free_port()),
-           str(ROOT / "tests" / "dist_workers" / "train_presets.py"), str(out), *jobs]
-    env = dict(os.environ, TQDM_DISABLE="1", PYTHONWARNINGS="ignore")
-    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1200, env=env)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
-    return d, cfg, out
+    return ["@".join([f"{name}={path}", *over]) for name, (path, over) in _jobs(cfg).items()]
+
+
+@pytest.fixture(scope="module")
+def tiny(shared_runs):
+    d, out = shared_runs[__name__]
+    return d, d / "c.yaml", out
 
 
 @pytest.mark.parametrize("method", ["pro_grpo", "branchgrpo_ovf"])

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -50,10 +48,12 @@ def test_ovf_keeps_the_extremes_and_skips_failed_samples():
         load_config(None, ["tree.prune_rule=ovff"], method="pro_grpo")
 
 
-def test_accounting_cli_counts_pro_grpo_by_hand():
-    out = subprocess.run([sys.executable, "-m", "video_branch.accounting", "--method", "pro_grpo", "--json"],
-                         capture_output=True, text=True, check=True).stdout
-    acc = json.loads(out)
+def test_accounting_cli_counts_pro_grpo_by_hand(capsys):
+    from video_branch.accounting import main  # what ``python -m video_branch.accounting`` runs, in this process
+
+    capsys.readouterr()
+    assert main(["--method", "pro_grpo", "--json"]) == 0
+    acc = json.loads(capsys.readouterr().out)
     # 48 chains run steps 0-4, 24 survive to run steps 5-6, 12 run steps 7-9.
     assert acc["forward_passes"] == 48 * 5 + 24 * 2 + 12 * 3 == 324
     assert acc["evaluated_per_step"] == [48] * 5 + [24] * 2 + [12] * 3

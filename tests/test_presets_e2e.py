@@ -4,15 +4,12 @@
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
+from conftest import shared_jobs
 
 from video_branch.config import load_config
 from video_branch.config.specs import config_accounting
@@ -24,28 +21,21 @@ SHRINK = ["train.iterations=2", "train.checkpoint_every=0", "eval.num_prompts=2"
           "eval.num_steps=4", "logging.plot_every=0", "train.dump_trees=true"]
 
 
-def _port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    out = tmp_path_factory.mktemp("presets")
-    image = out / "image.yaml"
+@shared_jobs
+def _jobs(d: Path) -> list[str]:
+    """Every preset, and the image case, with the SHRINK overrides (run in the session's shared 2-rank launch)."""
+    image = d / "image.yaml"
     image.write_text(yaml.safe_dump({"method": "branchgrpo",
                                      "model": {"path": "assets/toy_wan", "max_sequence_length": 16},
                                      "video": {"num_frames": 1, "height": 32, "width": 32},
                                      "reward": {"components": {"toyworld": {"weight": 1.0}}}}))
-    configs = [*map(str, TINY), f"image={image}"]
-    sets = [a for o in SHRINK for a in ("--set", o)]
-    cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", str(_port()),
-           str(ROOT / "tests" / "dist_workers" / "train_presets.py"), str(out), *configs, "--", *sets]
-    env = dict(os.environ, TQDM_DISABLE="1", PYTHONWARNINGS="ignore")
-    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1500, env=env)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
-    return out, image
+    return ["@".join([f"{name}={path}", *SHRINK]) for name, path in [*((c.stem, c) for c in TINY), ("image", image)]]
+
+
+@pytest.fixture(scope="module")
+def runs(shared_runs):
+    d, out = shared_runs[__name__]
+    return out, d / "image.yaml"
 
 
 @pytest.mark.parametrize("config", TINY, ids=lambda p: p.stem)

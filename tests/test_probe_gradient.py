@@ -79,6 +79,9 @@ total = sum(per_step.values())
 err = float((total - ref).abs().max() / ref.abs().max())
 assert err < 1e-4, err
 print("OK", len(per_step), err)
+# Then the command line, in the same interpreter: tools/probe_gradient.py's main with the arguments after the third.
+del tr, model, b
+probe_gradient.main(sys.argv[4:])
 """
 
 
@@ -87,15 +90,12 @@ def test_step_gradients_sum_to_the_objective_gradient_and_the_cli_reports(tmp_pa
     cfg = tiny_setup(tmp_path, "branchgrpo", ["a green triangle moving up"],
                      extra_yaml="tree: {num_steps: 6, split_steps: [0, 2]}\n", clips_per_prompt=2)
     env = dict(os.environ, PYTHONWARNINGS="ignore", TQDM_DISABLE="1")
-    r = subprocess.run([sys.executable, "-c", _GRAD_CHECK, str(cfg), str(ROOT / "tools"), str(tmp_path / "run")],
-                       cwd=ROOT, capture_output=True, text=True, timeout=300, env=env, check=False)
-    assert r.returncode == 0 and "OK 6" in r.stdout, r.stdout[-2000:] + r.stderr[-4000:]
-
     out = tmp_path / "probe.json"
-    r = subprocess.run([sys.executable, str(ROOT / "tools" / "probe_gradient.py"), "--config", str(cfg),
-                        "--batches", "3", "--step-sizes", "0,1e-3", "--out", str(out)],
-                       cwd=ROOT, capture_output=True, text=True, timeout=300, env=env, check=False)
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    cli = ["--config", str(cfg), "--batches", "3", "--step-sizes", "0,1e-3", "--out", str(out)]
+    r = subprocess.run([sys.executable, "-c", _GRAD_CHECK, str(cfg), str(ROOT / "tools"), str(tmp_path / "run"), *cli],
+                       cwd=ROOT, capture_output=True, text=True, timeout=600, env=env, check=False)
+    assert r.returncode == 0 and "OK 6" in r.stdout, r.stdout[-2000:] + r.stderr[-4000:]
+    assert f"wrote {out}" in r.stdout, r.stdout[-2000:] + r.stderr[-4000:]
     res = json.loads(out.read_text())
     assert res["batches"] == 3 and res["leaves_per_batch"] == 4 and res["trained_edges_per_batch"] == 20
     assert sorted(int(s) for s in res["steps"]) == list(range(6))

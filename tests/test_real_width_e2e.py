@@ -5,14 +5,11 @@ heads and feed-forward sizes with a single block, the text encoder its 4096-wide
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
+from conftest import shared_jobs
 
 from video_branch.config import load_config
 from video_branch.config.specs import config_accounting
@@ -45,39 +42,26 @@ def _merge(base, over):
     return out
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _launch(out: Path, jobs, extra=()):
-    cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", str(_free_port()),
-           str(ROOT / "tests" / "dist_workers" / "train_presets.py"), str(out), *jobs, "--",
-           *[a for o in extra for a in ("--set", o)]]
-    env = dict(os.environ, TQDM_DISABLE="1", PYTHONWARNINGS="ignore",
-               PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
-    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1500, env=env)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
-
-
-@pytest.fixture(scope="module")
-def real_runs(tmp_path_factory):
-    d = tmp_path_factory.mktemp("real_width")
+@shared_jobs
+def _shared(d: Path) -> list[str]:
+    """The real-width directories and configs in ``d``; the three jobs run in the session's shared 2-rank launch (one
+    after the other, each building its own trainer and groups)."""
     (d / "prompts.txt").write_text("a red circle moving left\na blue square moving up\n")
-    cfgs = {}
     for size in CONFIGS:
         build_real_wan(d / size, size, num_layers=1, vae="tiny", dtype="bfloat16")
         shipped = yaml.safe_load(CONFIGS[size].read_text())
         cfg = _merge(shipped, CPU)
         cfg["model"]["path"] = str(d / size)
         cfg["train"]["prompt_file"] = cfg["eval"]["prompt_file"] = str(d / "prompts.txt")
-        cfgs[size] = d / f"{size}.yaml"
-        cfgs[size].write_text(yaml.safe_dump(cfg, sort_keys=False))
-    out = d / "runs"
-    _launch(out, [f"1.3b_sp1={cfgs['1.3b']}@parallel.sp_size=1"])
-    _launch(out, [f"1.3b_sp2={cfgs['1.3b']}@parallel.sp_size=2", f"14b_sp2={cfgs['14b']}@parallel.sp_size=2"])
-    return cfgs, out
+        (d / f"{size}.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return [f"1.3b_sp1={d / '1.3b.yaml'}@parallel.sp_size=1", f"1.3b_sp2={d / '1.3b.yaml'}@parallel.sp_size=2",
+            f"14b_sp2={d / '14b.yaml'}@parallel.sp_size=2"]
+
+
+@pytest.fixture(scope="module")
+def real_runs(shared_runs):
+    d, out = shared_runs[__name__]
+    return {size: d / f"{size}.yaml" for size in CONFIGS}, out
 
 
 @pytest.mark.parametrize("run,size,sp", [("1.3b_sp1", "1.3b", 1), ("1.3b_sp2", "1.3b", 2), ("14b_sp2", "14b", 2)])

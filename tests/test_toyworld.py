@@ -202,18 +202,14 @@ shipped = pytest.mark.skipif(not (SHIPPED / "model_index.json").exists(), reason
 
 
 @shipped
-def test_shipped_model_loads_with_diffusers_and_our_loader_and_generates_quickly():
-    import time
-
+def test_shipped_model_loads_with_diffusers_and_our_loader_and_generates():
     from diffusers import WanPipeline
 
     from video_branch.models.wan import load_wan
     from video_branch.toyworld.generate import generate
 
     pipe = WanPipeline.from_pretrained(SHIPPED, local_files_only=True)
-    t0 = time.time()
     frames = generate(pipe, ["a red circle moving left"], [0])
-    assert time.time() - t0 < 30
     assert frames.shape == (1, 9, 32, 32, 3)
     comps = load_wan(SHIPPED)
     assert isinstance(comps.vae, ToyVAE) and len(comps.vae.config.latents_mean) == 16

@@ -118,7 +118,7 @@ def test_sigkill_after_first_checkpoint_resumes_at_next_iteration(tiny_setup, tm
     d, cfg = tiny_setup
     run = tmp_path / "run"
     args = [sys.executable, "-m", "video_branch.train", "--config", str(cfg), "--set", f"train.run_dir={run}",
-            "--set", "train.iterations=6", "--set", "train.checkpoint_every=1"]
+            "--set", "train.iterations=4", "--set", "train.checkpoint_every=1"]
     proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=_env(),
                             start_new_session=True)
     latest = run / "checkpoints" / "latest"
@@ -130,12 +130,12 @@ def test_sigkill_after_first_checkpoint_resumes_at_next_iteration(tiny_setup, tm
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     saved = int(latest.read_text().strip().split("_")[1])
-    assert saved < 6
+    assert saved < 4
     r = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=600, env=_env())
     assert r.returncode == 0, r.stderr[-3000:]
     assert f"at iteration {saved}" in r.stdout + r.stderr
     its = [row["iteration"] for row in metrics(run)]
-    assert its == list(range(6)), its  # every iteration exactly once, none lost, none repeated
+    assert its == list(range(4)), its  # every iteration exactly once, none lost, none repeated
 
 
 def test_failing_reward_sample_is_excluded_not_faked(tiny_setup, tmp_path):

@@ -1,6 +1,4 @@
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -20,9 +18,21 @@ def _spec(method, iteration=0, overrides=()):
 
 
 def _cli(*args):
-    proc = subprocess.run([sys.executable, "-m", "video_branch.accounting", *args], cwd=REPO, capture_output=True,
-                          text=True, timeout=120)
-    return proc
+    """``python -m video_branch.accounting ARGS``, run in this process: its ``main`` with stdout and stderr captured,
+    an argparse error's SystemExit as the exit status."""
+    import contextlib
+    import io
+    import types
+
+    from video_branch.accounting import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main(list(args))
+        except SystemExit as e:
+            code = e.code
+    return types.SimpleNamespace(returncode=code, stdout=out.getvalue(), stderr=err.getvalue())
 
 
 # ------------------------------------------------------------------------------------------------ accounting

@@ -1,8 +1,9 @@
 """Mini-batch update schedules end to end on 2 ranks (DeepSpeed ZeRO-3 over gloo): the first step is on-policy, the
 later steps see moved weights (nonzero ratio deviation, the clip acts), and the lockstep check holds.
 
-One distributed launch (``tests/dist_workers/train_presets.py``) runs an edge-shuffled tree (BranchGRPO) and a
-chain-grouped sequential group (DanceGRPO), the latter also with GRPO-Guard's ratio normalisation."""
+The session's shared distributed launch (``tests/dist_workers/train_presets.py``, see ``shared_runs`` in conftest.py)
+runs an edge-shuffled tree (BranchGRPO) and a chain-grouped sequential group (DanceGRPO), the latter also with
+GRPO-Guard's ratio normalisation."""
 
 from __future__ import annotations
 
@@ -20,7 +21,8 @@ from video_branch.config.specs import update_schedule
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 sys.path.insert(0, str(ROOT / "tests"))
-from test_train_e2e import _free_port, launch, metrics
+from conftest import shared_jobs
+from test_train_e2e import metrics
 
 JOBS = {
     # 14 edges per tree (splits at steps 0 and 1 of 4), a step every 4 edges: 4, 4, 4, 2.
@@ -36,11 +38,11 @@ JOBS = {
 STEPS = {"tree": 4, "chains": 3, "guard": 2}
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+@shared_jobs
+def _shared(d: Path) -> list[str]:
+    """The tiny model, prompts and base config in ``d``; the jobs run in the session's shared 2-rank launch."""
     from video_branch.models.tiny import build_tiny_wan
 
-    d = tmp_path_factory.mktemp("sched")
     build_tiny_wan(d / "model", seed=0)
     (d / "train.txt").write_text("a red circle moving left\na blue square moving right\n")
     (d / "heldout.txt").write_text("a red square moving down\n")
@@ -55,14 +57,13 @@ eval: {{prompt_file: {d / 'heldout.txt'}, clips_per_prompt: 1, num_steps: 2, num
 logging: {{plot_every: 0, tensorboard: false}}
 """
     )
-    out = d / "runs"
-    jobs = [f"{name}={cfg}@" + "@".join(o) for name, o in JOBS.items()]
-    cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", str(_free_port()),
-           str(ROOT / "tests" / "dist_workers" / "train_presets.py"), str(out), *jobs]
-    env = dict(os.environ, TQDM_DISABLE="1", PYTHONWARNINGS="ignore")
-    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900, env=env)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
-    return out, cfg
+    return [f"{name}={cfg}@" + "@".join(o) for name, o in JOBS.items()]
+
+
+@pytest.fixture(scope="module")
+def runs(shared_runs):
+    d, out = shared_runs[__name__]
+    return out, d / "c.yaml"
 
 
 @pytest.mark.parametrize("name", list(JOBS))
@@ -93,11 +94,17 @@ def test_micro_batching_inside_a_minibatch_leaves_the_update_unchanged(runs, tmp
     from safetensors.torch import load_file
 
     _, cfg = runs
+    # Both single-rank runs, one after the other in one process (tests/dist_workers/train_presets.py).
+    shared = ["train.iterations=1", "eval.num_steps=1", *JOBS["tree"][:-1]]
+    jobs = ["@".join([f"mb{mb}={cfg}", *shared, f"optim.micro_batch={mb}"]) for mb in (3, 100)]
+    r = subprocess.run([sys.executable, str(ROOT / "tests" / "dist_workers" / "train_presets.py"), str(tmp_path),
+                        *jobs], cwd=ROOT, capture_output=True, text=True, timeout=900,
+                       env=dict(os.environ, TQDM_DISABLE="1", PYTHONWARNINGS="ignore"))
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
     finals = []
     for mb in (3, 100):
         run = tmp_path / f"mb{mb}"
-        launch(cfg, f"train.run_dir={run}", "train.iterations=1", "eval.num_steps=1", *JOBS["tree"][:-1],
-               f"optim.micro_batch={mb}", ranks=1)
+        assert [row["iteration"] for row in metrics(run)] == [0]
         finals.append(load_file(str(next((run / "final" / "transformer").glob("*.safetensors")))))
     base = load_file(str(next((cfg.parent / "model" / "transformer").glob("*.safetensors"))))
     moved = max(float((finals[0][k] - base[k]).abs().max()) for k in base)
