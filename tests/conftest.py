@@ -34,6 +34,15 @@ def tiny_setup():
     return write_tiny_setup
 
 
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1 (for a process group's or a launcher's master port)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 # ------------------------------------------------------------------------------------------ one shared 2-rank launch
 ROOT = Path(__file__).resolve().parents[1]
 _SHARED_JOBS = {}
@@ -53,7 +62,6 @@ def shared_runs(request, tmp_path_factory):
     """One ``deepspeed --num_gpus 2 tests/dist_workers/train_presets.py`` launch running, one after the other, the
     jobs of the registered modules that have a selected test using this fixture; ``{module: (d, runs)}``."""
     import os
-    import socket
     import subprocess
     import sys
 
@@ -66,10 +74,7 @@ def shared_runs(request, tmp_path_factory):
         d = tmp_path_factory.mktemp(mod)
         dirs[mod] = (d, out / mod)
         jobs += [f"{mod}/{job}" for job in _SHARED_JOBS[mod](d)]  # run directory out/<module>/<NAME>
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", str(port),
+    cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()),
            str(ROOT / "tests" / "dist_workers" / "train_presets.py"), str(out), *jobs]
     env = dict(os.environ, TQDM_DISABLE="1", PYTHONWARNINGS="ignore",
                PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))

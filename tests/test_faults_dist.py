@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from conftest import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = ROOT / "tests" / "dist_workers" / "fault_rewards.py"
@@ -22,14 +22,8 @@ SMALL = ["tree.num_steps=6", "tree.split_steps=[0,1,2,3]", "optim.micro_batch=64
 REWARD = "reward.components={down_on_ranks: {weight: 1.0, down: [1]}}"
 
 
-def _port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def launch(cfg, *sets, timeout=600):
-    cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", str(_port()),
+    cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()),
            str(WORKER), "--config", str(cfg), *[a for s in (*SMALL, *sets) for a in ("--set", s)]]
     env = dict(os.environ, TQDM_DISABLE="1", PYTHONWARNINGS="ignore")
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)

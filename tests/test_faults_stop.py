@@ -6,13 +6,13 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+from conftest import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = ROOT / "tests" / "dist_workers" / "fault_rewards.py"
@@ -28,12 +28,6 @@ def _sets(*sets):
 
 def _env():
     return dict(os.environ, TQDM_DISABLE="1", PYTHONWARNINGS="ignore")
-
-
-def _port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _session(sid):
@@ -73,7 +67,7 @@ def test_second_run_is_refused_while_an_orphaned_rank_holds_the_directory(tmp_pa
     sets = _sets(f"train.run_dir={run}", "train.iterations=200")
 
     def launch():
-        return [str(DEEPSPEED), "--num_gpus", "1", "--master_port", str(_port()), "--module", "video_branch.train",
+        return [str(DEEPSPEED), "--num_gpus", "1", "--master_port", str(free_port()), "--module", "video_branch.train",
                 "--config", str(cfg), *sets]
 
     first = subprocess.Popen(launch(), cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,

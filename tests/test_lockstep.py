@@ -1,17 +1,10 @@
 """The lockstep check: ranks that ran different call counts stop with a clear error on every rank."""
 
 import os
-import socket
 
 import pytest
 import torch.multiprocessing as mp
-
-
-def _port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
+from conftest import free_port
 
 # The two cases: the same counts on both ranks, then a backward count that differs on rank 1.
 CASES = {False: [{"forward passes": 203, "backward calls": 4, "trained edges": 218}] * 2,
@@ -42,7 +35,7 @@ def outcomes():
     """Every case's result per rank, from one pair of spawned ranks (the agreeing case first)."""
     with mp.Manager() as m:
         results = m.dict()
-        mp.spawn(_worker, args=(_port(), sorted(CASES.items()), results), nprocs=2, join=True)
+        mp.spawn(_worker, args=(free_port(), sorted(CASES.items()), results), nprocs=2, join=True)
         return dict(results)
 
 

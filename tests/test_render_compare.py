@@ -4,7 +4,6 @@ import importlib.util
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import free_port
 
 from video_branch.engine.sampling import generate, latent_shape_for, load_source, resolve_source
 from video_branch.models import PromptEncoder, build_tiny_wan, decode_to_frames, load_wan
@@ -226,12 +226,6 @@ with deepspeed.zero.GatheredParameters(list(engine.module.parameters())):
 """
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return str(s.getsockname()[1])
-
-
 @pytest.mark.slow  # a DeepSpeed process of its own (about 20-30 s on 2 cores)
 def test_checkpoint_source_loads_the_trained_transformer(models, tmp_path):
     pytest.importorskip("deepspeed")
@@ -241,7 +235,7 @@ def test_checkpoint_source_loads_the_trained_transformer(models, tmp_path):
     script = tmp_path / "make_ckpt.py"
     script.write_text(_MAKE_CHECKPOINT)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "DS_BUILD_OPS": "0"}
-    cmd = [sys.executable, str(script), str(models["base"]), str(run / "checkpoints"), _free_port()]
+    cmd = [sys.executable, str(script), str(models["base"]), str(run / "checkpoints"), str(free_port())]
     res = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300, check=False)
     if res.returncode != 0 or not (run / "checkpoints" / "expected.pt").is_file():
         pytest.skip(f"could not produce a DeepSpeed checkpoint here: {res.stderr[-500:]}")

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
@@ -34,7 +35,7 @@ def launch(config, *overrides, ranks=2, timeout=600, check=True):
     """Run a training job as a user would: the deepspeed launcher for 2 ranks, python -m for one."""
     sets = [a for o in overrides for a in ("--set", o)]
     if ranks > 1:
-        cmd = [str(VENV_BIN / "deepspeed"), "--num_gpus", str(ranks), "--master_port", str(_free_port()),
+        cmd = [str(VENV_BIN / "deepspeed"), "--num_gpus", str(ranks), "--master_port", str(free_port()),
                "--module", "video_branch.train", "--config", str(config), *sets]
     else:
         cmd = [sys.executable, "-m", "video_branch.train", "--config", str(config), *sets]
@@ -42,14 +43,6 @@ def launch(config, *overrides, ranks=2, timeout=600, check=True):
     if check and r.returncode != 0:
         raise AssertionError(f"training failed ({r.returncode}):\n{r.stdout[-3000:]}\n{r.stderr[-5000:]}")
     return r
-
-
-def _free_port():
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def metrics(run_dir):

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import free_port
 from diffusers import WanTransformer3DModel
 
 from video_branch.parallel.ulysses import check_sp_degree, padded_length, valid_sp_degrees
@@ -21,12 +21,6 @@ CONFIG = {"patch_size": (1, 2, 2), "num_attention_heads": 2, "attention_head_dim
           "qk_norm": "rms_norm_across_heads", "rope_max_seq_len": 32}
 ODD_HEADS = {**CONFIG, "num_attention_heads": 3}
 TOL = {"atol": 1e-5, "rtol": 1e-5}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _model(config: dict, seed: int) -> WanTransformer3DModel:
@@ -70,7 +64,7 @@ def case(tmp_path_factory):
 
     workdir = tmp_path_factory.mktemp("ulysses")
     torch.save(data, workdir / "case.pt")
-    port = str(_free_port())
+    port = str(free_port())
     repo = str(Path(__file__).resolve().parents[1])
     procs = []
     for rank in range(2):
