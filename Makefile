@@ -34,7 +34,7 @@ bench: setup
 
 # Method comparison: 10 presets x 3 seeds x 3 min (about 2 h); rerun to continue after an interruption.
 bench-alignment: setup
-	$(VPY) tools/bench_alignment.py --set eval.clips_per_prompt=4 --out runs/bench/alignment.json
+	$(VPY) tools/bench_alignment.py --out runs/bench/alignment.json
 
 # Its smoke run: 1 seed, a short budget per preset (under 10 min).
 bench-alignment-quick: setup

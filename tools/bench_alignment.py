@@ -514,7 +514,7 @@ def report(summary: dict, baseline: str, goal: dict | None, pending: Sequence) -
 # ------------------------------------------------------------------------------------------------ entry point
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--config", default="configs/tiny/dancegrpo.yaml", help="base config every preset is loaded from")
+    ap.add_argument("--config", default="configs/tiny/bench.yaml", help="base config every preset is loaded from")
     ap.add_argument("--model", default=None, help="model directory (default: the config's model.path)")
     ap.add_argument("--presets", default=PRESETS,
                     help="comma-separated [label=]preset[+key=value...] (any registered preset; default: the ten)")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +23,11 @@ from ..parallel.groups import Dist
 from ..parallel.ulysses import enable_sequence_parallel
 from .policy import Policy
 from .sampling import latent_shape_for
+
+# DeepSpeed's ZeRO-3 calls torch's renamed collectives once per gathered parameter; torch re-warns after every
+# warnings.catch_warnings, which floods a run's log with one FutureWarning per collective.
+warnings.filterwarnings("ignore", message=r"`torch\.distributed\.(reduce_scatter_tensor|all_gather_into_tensor)` is "
+                        r"deprecated", category=FutureWarning)
 
 
 @dataclass
