@@ -88,6 +88,18 @@ def test_a_baseline_that_ends_at_or_below_its_start_gives_no_ratio():
     assert s["baseline_flat"] == 1 and s["geo_mean"] == pytest.approx(0.75) and s["ci95_low"] is None
 
 
+def test_late_mean_averages_the_last_third_of_the_budget():
+    # Budget 180 s, evaluations every 30 s: the last third starts at 120 s, so the points at 120, 150 and 180 count.
+    c = curve((0, .40), (30, .70), (60, .42), (90, .44), (120, .46), (150, .50), (180, .45))
+    assert ba.late_mean(c, 180.0) == pytest.approx((.46 + .50 + .45) / 3)
+    # An early spike does not count; with a single point in the window the late mean is that point.
+    assert ba.late_mean(curve((0, .40), (30, .90), (60, .41)), 60.0) == pytest.approx(.41)
+    assert ba.late_mean(curve((0, .40), (30, .50), (60, .60)), 60.0, fraction=0.5) == pytest.approx(.55)
+    # The clock key is respected (cpu_s instead of train_s).
+    pts = [{"cpu_s": 0.0, "mean": .1}, {"cpu_s": 50.0, "mean": .2}, {"cpu_s": 100.0, "mean": .3}]
+    assert ba.late_mean(pts, 100.0, key="cpu_s") == pytest.approx(.3)
+
+
 def test_t_quantiles_and_mean_t_ci():
     assert bc.t975(2) == pytest.approx(4.302653) and bc.t975(10) == pytest.approx(2.228139)
     for df, exact in ((11, 2.200985), (20, 2.085963), (30, 2.042272), (120, 1.979930)):
@@ -212,6 +224,12 @@ def test_report_from_run_files_structure_targets_and_pending(tmp_path, tiny_setu
     assert fast["final"]["min"] == pytest.approx(0.52) and fast["final"]["max"] == pytest.approx(0.55)
     assert fast["gain_per_1k_leaves"]["mean"] == pytest.approx((0.15 + 0.12) / 2 / 32 * 1000)
     assert fast["gain_per_forward_pass"]["mean"] == pytest.approx((0.15 + 0.12) / 2 / 640)
+    # Late mean (budget 60 s: only the 60 s evaluation is in the last third) and its difference to dancegrpo's in
+    # the same seed: seed 0 0.55 - 0.50, seed 1 0.52 - 0.48.
+    assert fast["late"]["mean"] == pytest.approx(0.535)
+    assert fast["late_minus_baseline"]["mean"] == pytest.approx(0.045)
+    assert fast["late_minus_baseline"]["ci95"] == pytest.approx(12.706205 * 0.005 * math.sqrt(2) / math.sqrt(2))
+    assert base["late_minus_baseline"]["mean"] == pytest.approx(0.0)
     change = saved["summary"]["fast"]["paired_change_per_seed"]["1"]
     assert change["temporal_consistency"] == pytest.approx(0.12) and change["temporal_consistency_ci95"] == 0.0
     assert set(saved["curves"]["fast"]) == {"temporal_consistency"}

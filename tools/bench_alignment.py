@@ -43,6 +43,9 @@ without training):
   only ``ratio_lower_bound`` (the geometric mean with each missing ratio replaced by its bound, which bounds the
   geometric mean from below) and the count of seeds reached. A seed whose baseline did not end above its own start
   gives no ratio at all (the target is met at time 0) and is counted as ``baseline_flat``;
+- late mean: per seed, the mean of ``--metric`` over the evaluations in the last third of the budget; over seeds
+  its mean and t interval, and the same for its difference to the baseline's late mean in the same seed (a second
+  reading of where a run ends that one noisy evaluation moves less than the final point or the first crossing);
 - efficiency: held-out gain of ``--metric`` (final - start) per 1,000 training leaves and per forward pass
   (policy forward passes of the rollouts, CFG counted), mean and t interval over seeds;
 - a PNG of the curves (one panel per term, bands labelled with what their interval is over) and a JSON of all of
@@ -140,6 +143,14 @@ def ratio_over_seeds(per_seed: Sequence[dict]) -> dict:
     return out
 
 
+def late_mean(curve: Sequence[dict], budget_s: float, key: str = "train_s", fraction: float = 1 / 3) -> float:
+    """Mean of a curve's evaluations in the last ``fraction`` of the budget (time >= (1 - fraction) * budget; the
+    final evaluation is always among them). Steadier than the final point alone when a run's curve oscillates."""
+    start = (1.0 - fraction) * budget_s - 1e-9
+    pts = [p["mean"] for p in curve if p[key] >= start] or [curve[-1]["mean"]]
+    return sum(pts) / len(pts)
+
+
 def terms_of(summary: dict) -> list[str]:
     """The held-out terms of an evaluation summary: every score that has a ``_ci95`` beside it."""
     return [k for k, v in summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
@@ -223,6 +234,9 @@ def summarise(results: dict[str, dict[int, dict]], labels: Sequence[str], baseli
                 ratios[s] = seed_ratio(runs[s]["curve"], base["curve"], key)
         per_seed[label] = ratios
         tt = [r["time_to_target"]["interpolated_s"] for r in ratios.values() if r["status"] == "reached"]
+        late = {s: late_mean(runs[s]["curve"], runs[s]["budget_s"], key) for s in seeds}
+        base_late = {s: late_mean(results[baseline][s]["curve"], results[baseline][s]["budget_s"], key)
+                     for s in seeds if s in results.get(baseline, {})}
         presets[label] = {
             "preset": first["preset"], "overrides": first["overrides"], "metric": metric, "seeds": seeds,
             "iterations": bc.mean_t_ci(runs[s]["iterations"] for s in seeds),
@@ -244,6 +258,11 @@ def summarise(results: dict[str, dict[int, dict]], labels: Sequence[str], baseli
                                                   if runs[s]["forward_passes"]),
             "time_to_target_s": bc.mean_t_ci(tt),
             "time_to_target_ratio": ratio_over_seeds(list(ratios.values())) if ratios else None,
+            # The last third of the budget's evaluations, averaged per seed (late_mean), and minus the baseline's in
+            # the same seed: where a run ends, measured less by one evaluation's noise than "final".
+            "late": bc.mean_t_ci(late.values()),
+            "late_per_seed": late,
+            "late_minus_baseline": bc.mean_t_ci(late[s] - base_late[s] for s in seeds if s in base_late),
             "final_mean": finals[metric]["mean"] if metric in finals else None,  # the earlier report's key
         }
         g = grid if grid is not None else eval_grid(first["budget_s"], first["spec"]["eval_every_s"])
@@ -488,12 +507,13 @@ def report(summary: dict, baseline: str, goal: dict | None, pending: Sequence) -
         comparable = r["seeds"] - r["baseline_flat"] if r else 0
         rows.append([k, len(s["seeds"]), _pm(s["iterations"], 1), s["median_iter_s"], _pm(s["before"]),
                      _pm(s["final"]), s["final"]["sd"], _pm(s["time_to_target_s"]), ratio_text(r),
-                     f"{r['reached']}/{comparable}" if comparable else "-", _pm(s["gain_per_1k_leaves"]),
-                     _pm(s["gain_per_forward_pass"])])
+                     f"{r['reached']}/{comparable}" if comparable else "-", _pm(s["late"]),
+                     _pm(s["late_minus_baseline"]), _pm(s["gain_per_1k_leaves"]), _pm(s["gain_per_forward_pass"])])
     metric = next(iter(summary["presets"].values()))["metric"] if summary["presets"] else "?"
     text = bc.markdown_table(["preset", "seeds", "iterations", "median iter s", f"held-out {metric} before",
                               "final (+- 95% CI over seeds)", "sd over seeds", "time to target s",
-                              f"time / {baseline}'s (geo mean [95% CI])", "reached", "gain per 1k leaves",
+                              f"time / {baseline}'s (geo mean [95% CI])", "reached", "late mean (last third)",
+                              f"late - {baseline}'s", "gain per 1k leaves",
                               "gain per forward pass"], rows)
     flat = [k for k, s in summary["presets"].items() if s["time_to_target_ratio"]
             and s["time_to_target_ratio"]["baseline_flat"]]
