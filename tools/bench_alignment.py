@@ -439,7 +439,12 @@ def plot(summary: dict, labels: Sequence[str], baseline: str, key: str, path: Pa
     shown = [k for k in labels if k in curves]
     first = curves[shown[0]]
     metric = summary["presets"][shown[0]]["metric"]
-    terms = [metric] + [t for t in first if t != metric]
+    # A term whose curves are the metric's in every preset (the reward's own "overall") would repeat its panel.
+    same = {t for t in first if t != metric and all(
+        curves[k].get(t, {}).get("mean") == curves[k].get(metric, {}).get("mean") for k in shown)}
+    terms = [metric] + [t for t in first if t != metric and t not in same]
+    change = f"{metric} minus its start"  # the last panel: each seed's curve less its own start, paired over clips
+    terms.append(change)
     cols = min(3, len(terms))
     rows = -(-len(terms) // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols, 3.4 * rows), squeeze=False)
@@ -447,22 +452,29 @@ def plot(summary: dict, labels: Sequence[str], baseline: str, key: str, path: Pa
     for ax, term in zip(axes.flat, terms):
         bands = set()
         for li, label in enumerate(labels):
-            c = curves.get(label, {}).get(term)
+            c = curves.get(label, {}).get(metric if term == change else term)
             if c is None:
                 continue
             x = [t / 60 for t in c["t"]]
-            y = c["mean"]
-            ci = [_num(v) for v in c["ci95"]]
+            y, ci, band = c["mean"], [_num(v) for v in c["ci95"]], c["band"]
+            if term == change:
+                stats = [bc.mean_t_ci(r[j] - r[0] for r in c["runs"]) for j in range(len(c["t"]))]
+                y, ci = [st["mean"] for st in stats], [_num(st["ci95"]) for st in stats]
+                band = "seeds" if len(c["runs"]) > 1 else None
             col = colours[li % len(colours)]
             n = len(summary["presets"][label]["seeds"])
             ax.plot(x, y, "-", color=col, marker="o", ms=2.5, lw=1.2, label=f"{label} ({n} seed{'s' * (n > 1)})")
             ax.fill_between(x, [a - b for a, b in zip(y, ci)], [a + b for a, b in zip(y, ci)], color=col,
                             alpha=0.12 if len(labels) <= 4 else 0.05)
-            bands.add(c["band"])
+            if band:
+                bands.add(band)
         if term == metric and baseline in summary["presets"]:
             ax.axhline(summary["presets"][baseline]["final"]["mean"], color="grey", lw=0.8, ls="--",
                        label=f"{baseline} final, mean over seeds (target)")
-        ax.set_title(f"held-out {term}\nbands: 95% CI over {' / '.join(sorted(bands))}", fontsize=8)
+        if term == change:
+            ax.axhline(0.0, color="black", lw=0.6)
+        what = f"bands: 95% CI over {' / '.join(sorted(bands))}" if bands else "no band with one seed"
+        ax.set_title(f"held-out {term}\n{what}", fontsize=8)
         ax.set_xlabel(f"training {'CPU time' if key == 'cpu_s' else 'wall-clock'} (min, evaluation excluded)",
                       fontsize=8)
         ax.tick_params(labelsize=7)
