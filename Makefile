@@ -32,7 +32,7 @@ bench: setup
 	$(VPY) tools/bench_alignment.py --quick --out runs/bench/alignment_quick.json
 	$(VPY) tools/bench_memory.py --out runs/bench/memory.json
 
-# Method comparison: 10 presets x 3 seeds x 3 min (about 2 h); rerun to continue after an interruption.
+# Method comparison: 10 presets x 3 seeds x 3 min (1 h 42 min on the 2-core machine); rerun to continue after an interruption.
 bench-alignment: setup
 	$(VPY) tools/bench_alignment.py --out runs/bench/alignment.json
 
