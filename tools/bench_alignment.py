@@ -217,6 +217,8 @@ def summarise(results: dict[str, dict[int, dict]], labels: Sequence[str], baseli
     from video_branch.core.stats import paired_change
 
     presets, per_seed, curves = {}, {}, {}
+    late_of = {label: {s: late_mean(r["curve"], r["budget_s"], key) for s, r in runs.items()}
+               for label, runs in results.items()}
     for label in labels:
         runs = results.get(label, {})
         if not runs:
@@ -234,9 +236,7 @@ def summarise(results: dict[str, dict[int, dict]], labels: Sequence[str], baseli
                 ratios[s] = seed_ratio(runs[s]["curve"], base["curve"], key)
         per_seed[label] = ratios
         tt = [r["time_to_target"]["interpolated_s"] for r in ratios.values() if r["status"] == "reached"]
-        late = {s: late_mean(runs[s]["curve"], runs[s]["budget_s"], key) for s in seeds}
-        base_late = {s: late_mean(results[baseline][s]["curve"], results[baseline][s]["budget_s"], key)
-                     for s in seeds if s in results.get(baseline, {})}
+        late, base_late = late_of[label], late_of.get(baseline, {})
         presets[label] = {
             "preset": first["preset"], "overrides": first["overrides"], "metric": metric, "seeds": seeds,
             "iterations": bc.mean_t_ci(runs[s]["iterations"] for s in seeds),
