@@ -196,7 +196,12 @@ class OptimConfig:
                                                  "shuffle whole chains, every edge of a chain in one mini-batch "
                                                  "(DanceGRPO, Flow-GRPO)")
     micro_batch: int = _f(8, help="trained edges per backward micro-batch", min=1)
-    warmup_iterations: int = _f(0, help="linear learning-rate warm-up", min=0)
+    warmup_iterations: int = _f(0, help="linear learning-rate warm-up over the optimizer steps of this many iterations",
+                                min=0)
+    lr_decay: Literal["constant", "linear", "cosine"] = _f(
+        "constant", help="learning rate after the warm-up: constant, or a linear or cosine decay over the optimizer "
+        "steps of the remaining train.iterations down to optim.lr_final_ratio x optim.lr")
+    lr_final_ratio: float = _f(0.0, help="the decay's end point, as a fraction of optim.lr", min=0.0, max=1.0)
 
 
 @dataclass

@@ -141,6 +141,11 @@ def update_schedule(cfg, iteration: int = 0, draws: int = 2) -> Dict[str, Any]:
             "optimizer_steps": int(o.updates_per_iteration) * len(sizes)}
 
 
+def optimizer_steps_before(cfg, iteration: int) -> int:
+    """Optimizer steps that one rank takes in iterations ``0 .. iteration - 1`` (from the config alone)."""
+    return int(sum(update_schedule(cfg, i)["optimizer_steps"] for i in range(int(iteration))))
+
+
 def config_accounting(cfg, iteration: int = 0) -> Dict[str, Any]:
     """Per-prompt accounting of a resolved config at ``iteration`` (forward passes count CFG when enabled)."""
     spec = tree_spec(cfg, iteration)

@@ -13,7 +13,8 @@ import torch
 
 from reward_models.compose import build_from_config
 
-from ..config.specs import update_schedule
+from ..config.specs import optimizer_steps_before
+from ..core.lr import lr_multiplier
 from ..core.objectives import objective_info
 from ..models.lora import AdapterDisabled, apply_lora
 from ..models.text import PromptEncoder
@@ -65,6 +66,15 @@ def build_models(cfg, device) -> RunModels:
     return RunModels(wan, encoder, reward, shape, reference, needs_reference)
 
 
+def lr_lambda(cfg):
+    """The learning-rate multiplier per optimizer step: warm-up over the steps of ``optim.warmup_iterations``
+    iterations, then ``optim.lr_decay`` over the steps of the rest of ``train.iterations``."""
+    o = cfg.optim
+    warm = optimizer_steps_before(cfg, o.warmup_iterations)
+    total = optimizer_steps_before(cfg, cfg.train.iterations) if o.lr_decay != "constant" else warm
+    return lambda step: lr_multiplier(step, warm, total, o.lr_decay, o.lr_final_ratio)
+
+
 def build_policy(cfg, models: RunModels, d: Dist, n_micro: int) -> Policy:
     """The transformer under DeepSpeed (``n_micro`` micro-batches accumulated per update), with the copies the run
     keeps: the gathered rollout copy, the objective's copies (taken before ZeRO-3 partitions the weights)."""
@@ -87,8 +97,7 @@ def build_policy(cfg, models: RunModels, d: Dist, n_micro: int) -> Policy:
     # A torch optimizer object: DeepSpeed's own AdamW would JIT-compile FusedAdam (minutes on CPU).
     optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
                                   weight_decay=cfg.optim.weight_decay)
-    warm = cfg.optim.warmup_iterations * update_schedule(cfg, 0)["optimizer_steps"]  # the scheduler steps per step
-    sched = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warm) if warm else 1.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))  # DeepSpeed steps it after every step
     engine, optimizer, _, lr_scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=sched,
                                                               config=ds_config, dist_init_required=False)
     # Sequence parallelism goes on after every deepcopy of the transformer (its hooks hold process groups).
