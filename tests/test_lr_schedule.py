@@ -45,16 +45,17 @@ def test_bad_schedule_values_are_rejected(kwargs):
 
 
 def test_config_schedule_counts_the_optimizer_steps_of_the_iterations():
-    # The demo config takes 10 optimizer steps per iteration (120 trained edges, a step every 12).
-    cfg = load_config("configs/tiny/demo.yaml", ["train.iterations=5", "optim.warmup_iterations=2",
-                                                 "optim.lr_decay=linear", "optim.lr_final_ratio=0.0"])
+    # The demo's trees with a step every 12 trained edges: 120 edges, 10 optimizer steps per iteration.
+    cfg = load_config("configs/tiny/demo.yaml", ["optim.minibatch=12", "train.iterations=5",
+                                                 "optim.warmup_iterations=2", "optim.lr_decay=linear",
+                                                 "optim.lr_final_ratio=0.0"])
     f = lr_lambda(cfg)
     assert f(9) == pytest.approx(0.5)  # 10 of 20 warm-up steps
     assert f(19) == pytest.approx(1.0)
     assert f(35) == pytest.approx(0.5)  # half way through steps 20 .. 50
     assert f(49) == pytest.approx(1 / 30)
-    cos = lr_lambda(load_config("configs/tiny/demo.yaml", ["train.iterations=4", "optim.warmup_iterations=0",
-                                                           "optim.lr_decay=cosine"]))
+    cos = lr_lambda(load_config("configs/tiny/demo.yaml", ["optim.minibatch=12", "train.iterations=4",
+                                                           "optim.warmup_iterations=0", "optim.lr_decay=cosine"]))
     assert cos(10) == pytest.approx((1 + math.cos(math.pi * 10 / 40)) / 2)
 
 
