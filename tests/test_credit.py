@@ -377,8 +377,8 @@ def test_leaf_vector_and_input_checks():
     np.testing.assert_allclose(fuse_values(tree, torch.tensor(v), "path"), fuse_values(tree, v, "path"), equal_nan=True)
 
 
-def test_fusion_scales_to_many_trees():
-    # 64 default-sized trees (about 14k nodes) go through fusion and normalisation depth by depth, not node by node.
+def test_fusion_handles_64_default_sized_trees():
+    # 64 default-sized trees (about 14k nodes) go through path fusion and normalisation (its speed: bench_iteration).
     rng = np.random.default_rng(0)
     tree = Tree.empty(64)
     cur = list(tree.add_nodes(range(64), -1, 0, -1, False, False))
@@ -387,9 +387,5 @@ def test_fusion_scales_to_many_trees():
         par = np.repeat(np.asarray(cur), k)
         cur = list(tree.add_nodes(tree.tree[par], par, i + 1, i, True, k > 1, rng.normal(size=par.size)))
     r = leaf_vector(tree, tree.leaves(), rng.normal(size=len(tree.leaves())))
-    import time
-
-    t0 = time.perf_counter()
     adv = depthwise_advantages(tree, fuse_values(tree, r, "path"))
-    assert time.perf_counter() - t0 < 5.0
     assert tree.num_nodes == 64 * 219 and np.isfinite(adv).all()
