@@ -95,3 +95,24 @@ def test_exported_lora_loads_into_a_wan_pipeline_and_changes_its_output(tiny_dir
     merged = diffusers.WanPipeline.from_pretrained(str(tiny_dir),
                                                    transformer=merged_transformer(model, model.state_dict(), 2.0))
     assert np.allclose(frames(merged), with_lora, atol=1e-4)
+
+
+def test_kl_reference_copy_loads_the_base_outside_the_policy_and_matches_the_disabled_adapter(tiny_dir):
+    from video_branch.config import load_config
+    from video_branch.engine.setup import build_models
+
+    sets = [f"model.path={tiny_dir}", "model.lora.rank=4", "model.lora.alpha=8", "objective.kl_coef=0.1",
+            "video.height=32", "video.width=32", "video.num_frames=5"]
+    default = build_models(load_config(None, sets), "cpu")
+    assert default.needs_reference and default.reference is None  # the policy's disabled adapter, built later
+    copy = build_models(load_config(None, sets + ["objective.kl_reference=copy"]), "cpu")
+    ref = copy.reference
+    assert copy.needs_reference and ref is not None
+    assert not any(p.requires_grad for p in ref.parameters()) and not ref.training
+    assert not any("lora" in n for n, _ in ref.named_parameters())  # a plain transformer, not the peft policy
+    policy = copy.wan.transformer
+    _perturb(policy)
+    x, t, emb = _inputs(ref)
+    v_copy = velocity(ref, x, t, emb)
+    assert torch.allclose(v_copy, velocity(AdapterDisabled(policy), x, t, emb), atol=1e-6)
+    assert (velocity(policy, x, t, emb) - v_copy).abs().max() > 1e-3  # the copy does not follow the adapter

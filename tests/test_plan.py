@@ -52,6 +52,10 @@ def test_zero3_partitions_weights_gradients_and_adam_state():
     copy = plan(Setting(arch=arch, gpus=8, dtype="bfloat16", gathered_weights=True, kl_reference=True), 80 * GiB,
                 cal)
     assert copy.terms["rollout_copy"] == pytest.approx(2 * n) and copy.terms["reference"] == pytest.approx(2 * n)
+    # A LoRA policy's reference: its disabled adapter costs nothing; objective.kl_reference=copy one bf16 transformer.
+    lora_kl = dict(arch=arch, gpus=8, dtype="bfloat16", lora_rank=16, kl_reference=True)
+    assert plan(Setting(**lora_kl), 80 * GiB, cal).terms["reference"] == 0
+    assert plan(Setting(**lora_kl, reference_copy=True), 80 * GiB, cal).terms["reference"] == pytest.approx(2 * n)
 
 
 def test_checkpointing_and_sequence_parallel_shrink_activations():

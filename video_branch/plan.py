@@ -92,7 +92,8 @@ def setting_from_config(cfg, gpus: int, model: Optional[str] = None) -> Setting:
         gathered_weights=cfg.rollout.gathered_weights, frontier_batch=cfg.rollout.frontier_batch,
         decode_batch=cfg.rollout.decode_batch, store_on_cpu=cfg.rollout.store_on_cpu,
         nodes_per_prompt=int(acc["edges"]) + cfg.tree.roots, prompts_per_rank=cfg.train.prompts_per_rank,
-        kl_reference=cfg.objective.kl_coef > 0 and info.reference, full_copies=len(info.copies), rewards=rewards,
+        kl_reference=cfg.objective.kl_coef > 0 and info.reference,
+        reference_copy=cfg.objective.kl_reference == "copy", full_copies=len(info.copies), rewards=rewards,
         attention=cfg.model.attention_backend, **_ds_sizes(cfg.parallel.ds_config))
 
 

@@ -189,6 +189,7 @@ class Setting:
     nodes_per_prompt: int = 219
     prompts_per_rank: int = 1
     kl_reference: bool = False
+    reference_copy: bool = False  # a LoRA policy's KL reference is a frozen copy (objective.kl_reference=copy)
     full_copies: int = 0
     rewards: Tuple[str, ...] = ()
     attention: str = "flash"
@@ -342,7 +343,7 @@ def plan(s: Setting, gpu_memory: float, calibration: dict) -> Plan:
         "optimizer": optim_b / world if st >= 1 else optim_b,
     }
     terms["rollout_copy"] = p * (total + lora) if s.gathered_weights else 0.0
-    terms["reference"] = p * total * (int(s.kl_reference and not s.lora_rank) + s.full_copies)
+    terms["reference"] = p * total * (int(s.kl_reference and (not s.lora_rank or s.reference_copy)) + s.full_copies)
     terms["text_encoder"] = p * UMT5_XXL_ENCODER_PARAMS
     terms["vae"] = 4 * WAN_VAE_PARAMS
     reward_names = sorted(set(s.rewards))

@@ -158,6 +158,11 @@ class ObjectiveConfig:
     name: str = _f("clipped", help="registered objective")
     clip_eps: float = _f(1e-3, help="ratio clip range", min=0.0)
     kl_coef: float = _f(0.0, help="KL to the frozen reference", min=0.0)
+    kl_reference: Literal["disabled_adapter", "copy"] = _f(
+        "disabled_adapter", help="the KL reference of a LoRA policy: disabled_adapter (the policy's own ZeRO-3 module "
+        "with its adapter off: no extra memory, one more pass through the partitioned module) or copy (a frozen copy "
+        "of the base transformer outside ZeRO-3: one more transformer in memory, a plain forward). A fully "
+        "fine-tuned policy always uses a copy")
     kl_form: Literal["transition", "flow_grpo"] = _f(
         "transition", help="what the KL's ||mu - mu_ref||^2 is divided by: transition (2 sd^2, the transition "
         "variance) or flow_grpo (2 std_dev_t^2 = 2 sd^2 / |ds|, Flow-GRPO's released scaling)")

@@ -57,7 +57,9 @@ def build_models(cfg, device) -> RunModels:
     reference = None
     # The frozen reference of the KL term, for objectives that have one (V-GRPO's KL is to the old policy).
     needs_reference = cfg.objective.kl_coef > 0 and objective_info(cfg.objective.name).reference
-    if needs_reference and cfg.model.lora.rank == 0:  # with LoRA: the disabled adapter, see build_policy
+    # With LoRA the reference is by default the disabled adapter (see build_policy); objective.kl_reference=copy
+    # loads the base transformer as for full fine-tuning.
+    if needs_reference and (cfg.model.lora.rank == 0 or cfg.objective.kl_reference == "copy"):
         ref = load_wan(cfg.model.path, dtype=cfg.model.dtype, attention_backend=cfg.model.attention_backend,
                        device=device, components=("transformer",)).transformer
         if cfg.model.text_pad_to:
